@@ -1,0 +1,163 @@
+"""Building blocks shared by the three towers.
+
+Every parameter is created through `param_init(init, axes)` so it carries logical axis names;
+`stllm_jax.sharding` maps those names onto the mesh. Activations are annotated with
+`constrain(x, axes)`, which is a no-op unless a mesh and the rule table are active.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation: every activation is kept for the backward pass
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def as_dtype(name: str | Dtype) -> Dtype:
+  """'bfloat16' -> jnp.bfloat16; dtypes pass through."""
+  if isinstance(name, str):
+    if name not in DTYPES:
+      raise ValueError(f'unknown dtype {name!r}; choose one of {sorted(DTYPES)}')
+    return DTYPES[name]
+  return name
+
+
+def param_init(init: Callable, axes: Sequence[str | None]) -> Callable:
+  """An initializer whose parameter carries the logical axis names `axes`."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+  """Sharding constraint on an activation by logical axis names (no-op without active rules)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class Dense(nn.Module):
+  """y = x . kernel + bias, contracting `axis` of x with the leading kernel dims.
+
+  The kernel has logical axes `axes` (input axes, then output axes). Attention projections keep heads as
+  their own axis (a query kernel is [embed, heads, head_dim], an output kernel [heads, head_dim, embed])
+  so heads shard without reshapes. (flax's DenseGeneral initialises a flattened kernel, which breaks
+  under an active mesh; this one creates the kernel in its real shape.)
+  """
+  features: int | tuple[int, ...]
+  axes: tuple[str | None, ...]
+  axis: int | tuple[int, ...] = -1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = self.features if isinstance(self.features, tuple) else (self.features,)
+    axis = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    axis = tuple(a % x.ndim for a in axis)
+    kernel_shape = tuple(x.shape[a] for a in axis) + features
+    if len(self.axes) != len(kernel_shape):
+      raise ValueError(f'{self.name}: {len(self.axes)} axis names {self.axes} for a kernel of shape {kernel_shape}')
+    kernel = self.param('kernel', param_init(self.kernel_init, self.axes), kernel_shape, self.param_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', param_init(nn.initializers.zeros, self.axes[len(axis):]), features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features, axes: Sequence[str | None], *, name: str | None = None, dtype: Dtype, param_dtype: Dtype,
+          axis: int | tuple[int, ...] = -1, use_bias: bool = True) -> Dense:
+  """A `Dense` (keyword shorthand used by the towers)."""
+  return Dense(features, tuple(axes), axis, use_bias, dtype, param_dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm as torch computes it: float32, two passes (mean, then variance of the centred input).
+
+  Flax's own LayerNorm defaults to E[x^2] - E[x]^2, which loses digits against PyTorch.
+  """
+  epsilon: float
+  dtype: Dtype = jnp.float32  # output dtype
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale = self.param('scale', param_init(nn.initializers.ones, ('norm',)), (features,), self.param_dtype)
+    bias = self.param('bias', param_init(nn.initializers.zeros, ('norm',)), (features,), self.param_dtype)
+    x = x.astype(jnp.float32)
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(variance + self.epsilon)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """LLaMA's RMSNorm: normalise in float32, cast to the compute dtype, then scale."""
+  epsilon: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', param_init(nn.initializers.ones, ('norm',)), (x.shape[-1],), self.param_dtype)
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def attention(query: Array, key: Array, value: Array, mask: Array | None,
+              implementation: str | None) -> Array:
+  """Softmax attention with logits and softmax in float32.
+
+  query [B, Lq, H, hd]; key, value [B, Lk, Hkv, hd] with H a multiple of Hkv (grouped-query);
+  mask bool, broadcastable to [B, H, Lq, Lk], True where attention is allowed. Returns [B, Lq, H, hd].
+  """
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+
+
+class LayerStack(nn.Module):
+  """`num_layers` copies of `block`, unrolled or scanned, optionally rematerialised.
+
+  A block is a module `block(config=..., dtype=..., attention_impl=..., name=...)` called as
+  `x, _ = block(x, *args)`: the `(carry, None)` return is what `nn.scan` needs. Scanned params are
+  stacked along a leading `layers` axis under `layers/`; unrolled ones live under `layers_{i}/`.
+  """
+  block: type[nn.Module]
+  config: Any
+  num_layers: int
+  scan: bool
+  remat_policy: str
+  dtype: Dtype
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, *args) -> Array:
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}')
+    block = self.block
+    if self.remat_policy != 'none':
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
+    kwargs = dict(config=self.config, dtype=self.dtype, attention_impl=self.attention_impl)
+    if self.scan:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=nn.broadcast, length=self.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(name='layers', **kwargs)(x, *args)
+      return x
+    for i in range(self.num_layers):
+      x, _ = block(name=f'layers_{i}', **kwargs)(x, *args)
+    return x

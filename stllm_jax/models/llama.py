@@ -1,0 +1,173 @@
+"""LLaMA decoder (Vicuna v1.1 for ST-LLM; LLaMA-2/3 style bases through `num_kv_heads` and `rope_theta`).
+
+Pre-norm blocks: RMSNorm -> causal self-attention with rotate-half RoPE -> residual, RMSNorm -> SwiGLU
+-> residual; a final RMSNorm, then an untied (or tied) LM head. The module takes embeddings, not ids,
+because ST-LLM feeds `[visual tokens : text embeddings]`; `embed_tokens` gives the text half.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from stllm_jax.models import layers
+from stllm_jax.models.layers import Array, Dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32001  # LLaMA's 32000 + [PAD]
+  width: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 0  # 0: width // num_heads
+  mlp_dim: int = 11008
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  max_positions: int = 2048
+  tie_word_embeddings: bool = False
+  param_dtype: str = 'float32'
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+
+  @property
+  def attention_head_dim(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+  def validate(self, where: str = 'llm') -> None:
+    if not self.head_dim and self.width % self.num_heads:
+      raise ValueError(f'{where}.width={self.width} is not a multiple of {where}.num_heads={self.num_heads}')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'{where}.num_heads={self.num_heads} is not a multiple of '
+                       f'{where}.num_kv_heads={self.num_kv_heads}')
+    if self.attention_head_dim % 2:
+      raise ValueError(f'RoPE needs an even head dim, got {self.attention_head_dim}')
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
+  """Rotate-half RoPE, computed in float32. x [B, L, H, hd], positions int [B, L]."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [hd/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, hd/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, hd]
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def causal_mask(attention_mask: Array) -> Array:
+  """bool [B, 1, L, L]: position i sees positions j <= i that are not padding."""
+  length = attention_mask.shape[1]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+
+class LlamaAttention(nn.Module):
+  config: LlamaConfig
+  dtype: Dtype
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+    cfg = self.config
+    pdt = layers.as_dtype(cfg.param_dtype)
+    hd = cfg.attention_head_dim
+    project = lambda name, n_heads, axis: layers.dense(
+        (n_heads, hd), ('embed', axis, 'head_dim'), use_bias=False, name=name, dtype=self.dtype,
+        param_dtype=pdt)(x)
+    query = rotary_embedding(project('query', cfg.num_heads, 'heads'), positions, cfg.rope_theta)
+    key = rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta)
+    value = project('value', cfg.num_kv_heads, 'kv_heads')
+    query = layers.constrain(query, ('activation_batch', 'activation_length', 'activation_heads', None))
+    out = layers.attention(query, key, value, mask, self.attention_impl)  # [B, L, H, hd]
+    return layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), use_bias=False, name='out',
+                        dtype=self.dtype, param_dtype=pdt)(out)
+
+
+class LlamaMLP(nn.Module):
+  config: LlamaConfig
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    pdt = layers.as_dtype(cfg.param_dtype)
+    up = lambda name: layers.dense(cfg.mlp_dim, ('embed', 'mlp'), use_bias=False, name=name, dtype=self.dtype,
+                                   param_dtype=pdt)(x)
+    h = nn.silu(up('gate')) * up('up')
+    h = layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))
+    return layers.dense(cfg.width, ('mlp', 'embed'), use_bias=False, name='down', dtype=self.dtype,
+                        param_dtype=pdt)(h)
+
+
+class LlamaBlock(nn.Module):
+  config: LlamaConfig
+  dtype: Dtype
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Array) -> tuple[Array, None]:
+    cfg = self.config
+    norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype,
+                                       param_dtype=layers.as_dtype(cfg.param_dtype), name=name)
+    x = x + LlamaAttention(cfg, self.dtype, self.attention_impl, name='attention')(
+        norm('attention_norm')(x), mask, positions)
+    x = x + LlamaMLP(cfg, self.dtype, name='mlp')(norm('mlp_norm')(x))
+    return layers.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), None
+
+
+class Llama(nn.Module):
+  """`embed_tokens(ids)`, then `__call__(embeddings, mask, positions)` -> final hidden, then `logits(hidden)`."""
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  def setup(self):
+    cfg = self.config
+    pdt = layers.as_dtype(cfg.param_dtype)
+    self.embed = nn.Embed(cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=pdt,
+                          embedding_init=layers.param_init(nn.initializers.normal(0.02), ('vocab', 'embed')))
+    self.blocks = layers.LayerStack(LlamaBlock, cfg, cfg.num_layers, cfg.scan_layers, cfg.remat_policy,
+                                    self.dtype, self.attention_impl)
+    self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=pdt)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = layers.dense(cfg.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=self.dtype,
+                                  param_dtype=pdt)
+
+  def embed_tokens(self, input_ids: Array) -> Array:  # [B, L] -> [B, L, D]
+    return self.embed(input_ids)
+
+  def __call__(self, embeddings: Array, attention_mask: Array, positions: Array | None = None) -> Array:
+    """embeddings [B, L, D], attention_mask [B, L] (1 = real token) -> final hidden states [B, L, D]."""
+    batch, length = attention_mask.shape
+    if length > self.config.max_positions:
+      raise ValueError(f'the LLM input has {length} tokens, more than llm.max_positions='
+                       f'{self.config.max_positions}: use fewer frames or shorter text')
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    x = layers.constrain(embeddings.astype(self.dtype), ('activation_batch', 'activation_length', 'activation_embed'))
+    x = self.blocks(x, causal_mask(attention_mask), positions)
+    return self.final_norm(x)
+
+  def logits(self, hidden: Array) -> Array:
+    """[B, L, D] -> float32 logits [B, L, vocab]."""
+    if self.config.tie_word_embeddings:
+      logits = self.embed.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    return layers.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab')).astype(jnp.float32)
+
+  def forward_ids(self, input_ids: Array, attention_mask: Array) -> Array:
+    """Plain causal LM on token ids: [B, L] -> logits [B, L, vocab]."""
+    return self.logits(self(self.embed_tokens(input_ids), attention_mask))
+
+
+def abstract_variables(config: LlamaConfig, dtype: Dtype = jnp.float32) -> dict:
+  """Shapes, dtypes and logical axes of every parameter of a stand-alone LLM (boxed), allocating nothing."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: Llama(config, dtype).init(jax.random.key(0), ids, ids + 1, method='forward_ids'))

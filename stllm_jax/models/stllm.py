@@ -1,0 +1,159 @@
+"""ST-LLM: every spatio-temporal video token goes into the LLM.
+
+    frames [B, T, H, W, 3] --EVA-ViT--> [B*T, 257, Dv] --ln_vision--> --Q-Former(+instruction)--> [B*T, K, Dq]
+      --projection--> frame tokens [B, T, K, D] --arrange_video--> visual tokens V [B, Nv, D]
+      --[V : text embeddings]--> LLaMA --> logits [B, Nv + L, vocab]
+
+`video_input` picks how frame tokens become V: `all` concatenates them in time order (Nv = T*K, the
+paper's method); `mean` averages over frames (Nv = K, the paper's baseline). There are no separators and
+no frame or time embeddings: RoPE over the flat sequence carries the order. The training step composes
+the same methods with the dynamic-masking gather between `arrange_video` and `embed_inputs`.
+
+Contract (stable): `STLLM(config.model).apply({'params': params}, batch)` with `batch` holding
+`frames` float [B, T, H, W, 3] (normalised, channels-last), `qformer_input_ids` / `qformer_attention_mask`
+int32 [B, Lq], `input_ids` / `attention_mask` int32 [B, L] (the text after the visual tokens); it returns
+float32 logits [B, Nv + L, vocab].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from stllm_jax import configlib
+from stllm_jax.models import layers
+from stllm_jax.models.eva_vit import EVAViT, VisionConfig
+from stllm_jax.models.layers import Array
+from stllm_jax.models.llama import Llama, LlamaConfig
+from stllm_jax.models.qformer import QFormer, QFormerConfig
+
+VIDEO_INPUTS = ('all', 'mean')
+ATTENTION_IMPLS = {'auto': None, 'xla': 'xla', 'cudnn': 'cudnn'}
+BATCH_KEYS = ('frames', 'qformer_input_ids', 'qformer_attention_mask', 'input_ids', 'attention_mask')
+
+
+@dataclasses.dataclass(frozen=True)
+class STLLMConfig:
+  """Defaults are the paper's 7B model (InstructBLIP-Vicuna-7B base)."""
+  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+  llm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+  ln_vision_eps: float = 1e-5  # LAVIS; Hugging Face InstructBLIP uses the vision eps (1e-6)
+  video_input: str = 'all'
+  dtype: str = 'float32'  # compute dtype of every tower; 'bfloat16' on accelerators
+  attention_impl: str = 'auto'  # 'auto' | 'xla' | 'cudnn' (jax.nn.dot_product_attention)
+
+  def validate(self) -> None:
+    self.vision.validate('model.vision')
+    self.qformer.validate('model.qformer')
+    self.llm.validate('model.llm')
+    if self.video_input not in VIDEO_INPUTS:
+      raise ValueError(f'model.video_input={self.video_input!r}; choose one of {VIDEO_INPUTS}')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'model.attention_impl={self.attention_impl!r}; choose one of {tuple(ATTENTION_IMPLS)}')
+    layers.as_dtype(self.dtype)
+
+  def num_visual_tokens(self, num_frames: int) -> int:
+    """Visual tokens the LLM sees for `num_frames` frames (before any masking)."""
+    k = self.qformer.num_query_tokens
+    return {'all': num_frames * k, 'mean': k}[self.video_input]
+
+
+def model_config(config: Any) -> STLLMConfig:
+  """`config.model` (ConfigDict, dict or STLLMConfig) -> validated STLLMConfig."""
+  cfg = configlib.from_dict(STLLMConfig, config, 'model')
+  cfg.validate()
+  return cfg
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The 7B model as a ConfigDict, for config files to start from."""
+  return configlib.to_config_dict(STLLMConfig())
+
+
+def check_batch(batch: Mapping[str, Any]) -> None:
+  """Names any missing key or inconsistent shape in a model batch."""
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise KeyError(f'the batch lacks {missing}; a model batch holds {list(BATCH_KEYS)}')
+  frames = batch['frames']
+  if frames.ndim != 5:
+    raise ValueError(f'batch["frames"] must be [B, T, H, W, 3], got shape {tuple(frames.shape)}')
+  b = frames.shape[0]
+  for pair in (('qformer_input_ids', 'qformer_attention_mask'), ('input_ids', 'attention_mask')):
+    shapes = [tuple(batch[k].shape) for k in pair]
+    if len(shapes[0]) != 2 or shapes[0] != shapes[1] or shapes[0][0] != b:
+      raise ValueError(f'batch[{pair[0]!r}] and batch[{pair[1]!r}] must both be [B={b}, L], got {shapes}')
+
+
+class STLLM(nn.Module):
+  config: Any  # config.model: ConfigDict, dict or STLLMConfig
+
+  def setup(self):
+    cfg = self.cfg = model_config(self.config)
+    dtype = layers.as_dtype(cfg.dtype)
+    impl = ATTENTION_IMPLS[cfg.attention_impl]
+    self.vision = EVAViT(cfg.vision, dtype, impl)
+    # ln_vision is computed in float32 (as LAVIS does); its output is cast to the compute dtype.
+    self.ln_vision = layers.LayerNorm(cfg.ln_vision_eps, dtype=dtype, param_dtype=layers.as_dtype(cfg.vision.param_dtype))
+    self.qformer = QFormer(cfg.qformer, dtype, impl)
+    self.projection = layers.dense(cfg.llm.width, ('source_embed', 'embed'), dtype=dtype,
+                                   param_dtype=layers.as_dtype(cfg.llm.param_dtype))
+    self.llm = Llama(cfg.llm, dtype, impl)
+
+  def encode_frames(self, frames: Array, qformer_input_ids: Array, qformer_attention_mask: Array) -> Array:
+    """frames [B, T, H, W, 3] -> frame tokens [B, T, K, D]; the same instruction is used for every frame."""
+    b, t = frames.shape[:2]
+    image_tokens = self.ln_vision(self.vision(frames.reshape(b * t, *frames.shape[2:])))  # [B*T, 257, Dv]
+    queries = self.qformer(image_tokens, jnp.repeat(qformer_input_ids, t, axis=0),
+                           jnp.repeat(qformer_attention_mask, t, axis=0))  # [B*T, K, Dq]
+    tokens = self.projection(queries)  # [B*T, K, D]
+    return tokens.reshape(b, t, *tokens.shape[1:])
+
+  def arrange_video(self, frame_tokens: Array) -> Array:
+    """frame tokens [B, T, K, D] -> visual tokens V [B, Nv, D] according to `video_input`."""
+    b, t, k, d = frame_tokens.shape
+    if self.cfg.video_input == 'all':
+      return frame_tokens.reshape(b, t * k, d)  # time-major: frame 0's K tokens, then frame 1's...
+    return jnp.mean(frame_tokens, axis=1)  # 'mean': [B, K, D]
+
+  def embed_inputs(self, visual_tokens: Array, input_ids: Array, attention_mask: Array) -> tuple[Array, Array]:
+    """[V : C]: visual tokens first, then the text embeddings; returns (embeddings, mask) [B, Nv + L, ...]."""
+    text = self.llm.embed_tokens(input_ids)  # [B, L, D]
+    b, n_visual = visual_tokens.shape[:2]
+    embeddings = jnp.concatenate([visual_tokens.astype(text.dtype), text], axis=1)
+    mask = jnp.concatenate([jnp.ones((b, n_visual), attention_mask.dtype), attention_mask], axis=1)
+    return embeddings, mask
+
+  def __call__(self, batch: Mapping[str, Array]) -> Array:
+    check_batch(batch)
+    frame_tokens = self.encode_frames(batch['frames'], batch['qformer_input_ids'], batch['qformer_attention_mask'])
+    embeddings, mask = self.embed_inputs(self.arrange_video(frame_tokens), batch['input_ids'], batch['attention_mask'])
+    return self.llm.logits(self.llm(embeddings, mask))
+
+
+def dummy_batch(config: Any, batch_size: int = 1, num_frames: int = 1, text_len: int = 1,
+                qformer_text_len: int = 1) -> dict[str, np.ndarray]:
+  """An all-zeros batch of the right shapes and dtypes (for init, eval_shape and compilation)."""
+  cfg = model_config(config)
+  size = cfg.vision.image_size
+  ids = lambda n: np.zeros((batch_size, n), np.int32)
+  return dict(frames=np.zeros((batch_size, num_frames, size, size, 3), np.float32),
+              qformer_input_ids=ids(qformer_text_len), qformer_attention_mask=ids(qformer_text_len) + 1,
+              input_ids=ids(text_len), attention_mask=ids(text_len) + 1)
+
+
+def abstract_variables(config: Any) -> Any:
+  """Shapes, dtypes and logical axes of every parameter (boxed), without allocating memory."""
+  return jax.eval_shape(STLLM(config).init, jax.random.key(0), dummy_batch(config))
+
+
+def init_params(config: Any, rng: jax.Array) -> Any:
+  """Freshly initialised (unboxed) params."""
+  return nn.meta.unbox(STLLM(config).init(rng, dummy_batch(config)))['params']

@@ -1,0 +1,104 @@
+"""LLaMA against Hugging Face's LlamaForCausalLM (GQA, padding, RoPE theta, tied embeddings, scan, remat)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import randomize_, relative_error
+from stllm_jax.convert import hf
+from stllm_jax.models import llama
+from stllm_jax.models.llama import Llama
+
+
+def hf_llama(num_kv_heads=2, rope_theta=10000.0, tie=False, seed=3):
+  config = transformers.LlamaConfig(
+      vocab_size=90, hidden_size=64, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=num_kv_heads,
+      intermediate_size=112, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+      rope_parameters=dict(rope_type='default', rope_theta=rope_theta))
+  torch.manual_seed(seed)
+  return randomize_(transformers.LlamaForCausalLM(config), seed)
+
+
+def ids_and_mask(rng, batch=3, length=11):
+  ids = rng.integers(0, 90, (batch, length)).astype(np.int32)
+  mask = np.ones((batch, length), np.int32)
+  mask[1, 7:] = 0
+  mask[2, 2:] = 0
+  return ids, mask
+
+
+def logits(cfg, params, ids, mask):
+  llm_cfg = llama.LlamaConfig(**cfg.to_dict())
+  return Llama(llm_cfg).apply(
+      {'params': params}, ids, mask, method='forward_ids')
+
+
+@pytest.mark.parametrize('kv_heads, theta, tie', [(2, 10000.0, False), (8, 10000.0, False), (4, 500000.0, True)])
+def test_llama_matches_hugging_face(parity, rng, kv_heads, theta, tie):
+  model = hf_llama(kv_heads, theta, tie)
+  cfg, params = hf.load_hf_llama(model.state_dict(), model.config)
+  assert (cfg.num_kv_heads, cfg.rope_theta, cfg.tie_word_embeddings) == (kv_heads, theta, tie)
+  ids, mask = ids_and_mask(rng)
+  with torch.no_grad():
+    reference = model(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long()).logits
+  name = f'LLaMA (heads 8, kv {kv_heads}, theta {theta:g}{", tied" if tie else ""})'
+  assert parity(name, 'float32', logits(cfg, params, ids, mask), reference) < 1e-5
+
+
+def test_llama_bfloat16_error(parity, rng):
+  model = hf_llama()
+  cfg, params = hf.load_hf_llama(model.state_dict(), model.config)
+  ids, mask = ids_and_mask(rng)
+  with torch.no_grad():
+    reference = model(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long()).logits
+  ours = Llama(llama.LlamaConfig(**cfg.to_dict()), jnp.bfloat16).apply({'params': params}, ids, mask,
+                                                                       method='forward_ids')
+  assert parity('LLaMA (heads 8, kv 2)', 'bfloat16', ours, reference) < 3e-2
+
+
+def test_padding_does_not_leak_into_real_tokens(rng):
+  model = hf_llama()
+  cfg, params = hf.load_hf_llama(model.state_dict(), model.config)
+  ids, mask = ids_and_mask(rng)
+  other = ids.copy()
+  other[1, 7:] = (other[1, 7:] + 1) % 90  # change only padded positions
+  a, b = logits(cfg, params, ids, mask), logits(cfg, params, other, mask)
+  np.testing.assert_array_equal(a[1, :7], b[1, :7])
+
+
+@pytest.mark.parametrize('remat', ['none', 'full', 'dots'])
+def test_scan_and_remat_do_not_change_outputs_or_gradients(rng, remat):
+  model = hf_llama()
+  _, reference_params = hf.load_hf_llama(model.state_dict(), model.config)
+  unrolled_base = hf.llm_config_from_hf(model.config)
+  unrolled_base.update(scan_layers=False, remat_policy=remat)
+  cfg_u, params_u = hf.load_hf_llama(model.state_dict(), model.config, base=unrolled_base)
+  ids, mask = ids_and_mask(rng)
+
+  def loss_and_grad(cfg, params):
+    fn = lambda p: jnp.mean(logits(cfg, p, ids, mask) ** 2)
+    return jax.value_and_grad(fn)(params)
+
+  cfg_s = hf.llm_config_from_hf(model.config)
+  cfg_s.remat_policy = remat
+  loss_s, grad_s = loss_and_grad(cfg_s, reference_params)
+  loss_u, grad_u = loss_and_grad(cfg_u, params_u)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+  stacked = np.stack([grad_u['blocks'][f'layers_{i}']['mlp']['up']['kernel'] for i in range(3)])
+  assert relative_error(grad_s['blocks']['layers']['mlp']['up']['kernel'], stacked) < 1e-5
+
+
+def test_too_long_sequence_is_refused(rng):
+  cfg = llama.LlamaConfig(vocab_size=16, width=16, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=32,
+                          max_positions=8)
+  ids = jnp.zeros((1, 9), jnp.int32)
+  with pytest.raises(ValueError, match='9 tokens, more than llm.max_positions=8'):
+    Llama(cfg).init(jax.random.key(0), ids, ids + 1, method='forward_ids')
+
+
+def test_bad_head_counts_are_named():
+  with pytest.raises(ValueError, match='num_heads=6 is not a multiple of llm.num_kv_heads=4'):
+    llama.LlamaConfig(width=48, num_heads=6, num_kv_heads=4).validate()

@@ -1,0 +1,107 @@
+"""The ST-LLM composition: whole-model parity, video modes, the forward contract, 7B parameter counts."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import convert, hf_llm_logits, hf_visual_tokens, random_batch, torch_images
+from stllm_jax.convert import strict
+from stllm_jax.models import stllm
+from stllm_jax.models.stllm import STLLM
+
+
+def test_one_frame_equals_instructblip_forward(hf_instructblip, converted, parity, rng):
+  cfg, params = converted
+  batch = random_batch(rng, stllm.model_config(cfg), batch_size=2, num_frames=1)
+  k = cfg.qformer.num_query_tokens
+  # InstructBLIP puts the projected queries where `input_ids` holds the image token: all K of them first.
+  image_ids = np.full((2, k), hf_instructblip.config.image_token_index)
+  with torch.no_grad():
+    reference = hf_instructblip(
+        pixel_values=torch_images(batch['frames'][:, 0]),
+        qformer_input_ids=torch.tensor(batch['qformer_input_ids']).long(),
+        qformer_attention_mask=torch.tensor(batch['qformer_attention_mask']).long(),
+        input_ids=torch.tensor(np.concatenate([image_ids, batch['input_ids']], 1)).long(),
+        attention_mask=torch.tensor(np.concatenate([np.ones((2, k)), batch['attention_mask']], 1)).long()).logits
+  ours = STLLM(cfg).apply({'params': params}, batch)
+  assert ours.shape == (2, k + 6, cfg.llm.vocab_size) and ours.dtype == jnp.float32
+  assert parity('ST-LLM 1 frame vs InstructBLIP forward (logits)', 'float32', ours, reference) < 1e-5
+
+
+@pytest.mark.parametrize('dtype, tolerance', [('float32', 1e-5), ('bfloat16', 5e-2)])
+def test_frames_in_time_order_equal_hugging_face_composite(hf_instructblip, parity, rng, dtype, tolerance):
+  cfg, params = convert(hf_instructblip, dtype=dtype)
+  batch = random_batch(rng, stllm.model_config(cfg), batch_size=2, num_frames=3)
+  visual = hf_visual_tokens(hf_instructblip, batch)  # [B, T, K, D]
+  reference = hf_llm_logits(hf_instructblip, visual.reshape(2, -1, visual.shape[-1]), batch)
+  ours = STLLM(cfg).apply({'params': params}, batch)
+  assert ours.shape == (2, 3 * 4 + 6, cfg.llm.vocab_size)
+  assert parity('ST-LLM 3 frames, video_input=all (logits)', dtype, ours, reference) < tolerance
+
+
+def test_mean_pooling_baseline_equals_hugging_face_composite(hf_instructblip, parity, rng):
+  cfg, params = convert(hf_instructblip, video_input='mean')
+  batch = random_batch(rng, stllm.model_config(cfg), batch_size=2, num_frames=3)
+  reference = hf_llm_logits(hf_instructblip, hf_visual_tokens(hf_instructblip, batch).mean(1), batch)
+  ours = STLLM(cfg).apply({'params': params}, batch)
+  assert ours.shape == (2, 4 + 6, cfg.llm.vocab_size)
+  assert parity('ST-LLM 3 frames, video_input=mean (logits)', 'float32', ours, reference) < 1e-5
+
+
+def test_frame_order_matters_for_all_but_not_for_mean(hf_instructblip, rng):
+  batch = random_batch(rng, stllm.model_config(convert(hf_instructblip)[0]), num_frames=3)
+  reversed_batch = dict(batch, frames=batch['frames'][:, ::-1])
+  for mode, order_matters in (('all', True), ('mean', False)):
+    cfg, params = convert(hf_instructblip, video_input=mode)
+    forward = lambda b: np.asarray(STLLM(cfg).apply({'params': params}, b))[:, -1]
+    same = np.allclose(forward(batch), forward(reversed_batch), atol=1e-5)
+    assert same != order_matters, mode
+
+
+def test_batch_mistakes_are_named(converted, rng):
+  cfg, params = converted
+  batch = random_batch(rng, stllm.model_config(cfg))
+  model = STLLM(cfg)
+  with pytest.raises(KeyError, match=r"lacks \['qformer_attention_mask'\]"):
+    model.apply({'params': params}, {k: v for k, v in batch.items() if k != 'qformer_attention_mask'})
+  with pytest.raises(ValueError, match=r'frames.*\[B, T, H, W, 3\]'):
+    model.apply({'params': params}, dict(batch, frames=batch['frames'][:, 0]))
+  with pytest.raises(ValueError, match='input_ids.*attention_mask'):
+    model.apply({'params': params}, dict(batch, attention_mask=batch['attention_mask'][:, :3]))
+
+
+def test_config_typos_and_bad_values_are_named():
+  cfg = stllm.default_config()
+  cfg.llm.num_layer = 2
+  with pytest.raises(ValueError, match='model.llm.num_layer.*did you mean model.llm.num_layers'):
+    stllm.model_config(cfg)
+  cfg = stllm.default_config()
+  cfg.video_input = 'tubes'
+  with pytest.raises(ValueError, match="video_input='tubes'"):
+    stllm.model_config(cfg)
+  cfg = stllm.default_config().to_dict()  # a plain dict: ConfigDict would refuse the str itself
+  cfg['llm']['num_layers'] = '32'
+  with pytest.raises(TypeError, match='model.llm.num_layers must be int'):
+    stllm.model_config(cfg)
+
+
+def test_7b_parameter_counts(report):
+  """The paper's 7B model, counted from shapes alone (nothing is allocated)."""
+  params = strict.abstract_leaves(stllm.abstract_variables(stllm.default_config()))
+  count = lambda prefix: sum(math.prod(v.shape) for k, v in params.items() if k.startswith(prefix))
+  counts = {name: count(prefix) for name, prefix in
+            (('LLM (Vicuna-7B, vocab 32001)', 'llm/'), ('EVA-ViT-g (39 blocks)', 'vision/'),
+             ('ln_vision', 'ln_vision/'), ('Q-Former (+ query tokens, text embeddings, text FFNs)', 'qformer/'),
+             ('projection', 'projection/'))}
+  counts['total'] = sum(counts.values())
+  for name, n in counts.items():
+    report('7B parameter counts (jax.eval_shape)', f'{name:<56} {n:>14,d}')
+  assert counts['LLM (Vicuna-7B, vocab 32001)'] == 6_738_415_616 + 2 * 4096  # LLaMA-7B + one [PAD] row twice
+  assert abs(counts['EVA-ViT-g (39 blocks)'] / 0.99e9 - 1) < 0.01
+  assert abs(counts['Q-Former (+ query tokens, text embeddings, text FFNs)'] / 0.19e9 - 1) < 0.03
+  assert counts['projection'] == 768 * 4096 + 4096
+  assert counts['ln_vision'] == 2 * 1408
