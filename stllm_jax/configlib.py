@@ -58,6 +58,10 @@ def from_dict(cls: type[T], values: Any, where: str) -> T:
 
 
 def _coerce(kind: Any, value: Any, where: str) -> Any:
+  if typing.get_origin(kind) is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise TypeError(f'{where} must be a sequence, got {value!r}')
+    return tuple(value)
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if kind in (int, float, str, bool) and not isinstance(value, kind):

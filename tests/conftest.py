@@ -167,3 +167,16 @@ def hf_llm_logits(model, visual_tokens, batch):
     mask = torch.cat([torch.ones(visual_tokens.shape[:2], dtype=torch.long),
                       torch.tensor(batch['attention_mask']).long()], 1)
     return lm(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+@pytest.fixture(scope='session')
+def tiny_config():
+  """configs/tiny.py (a fresh copy per use: callers may change it)."""
+  from stllm_jax import configlib  # pylint: disable=g-import-not-at-top
+  return lambda: configlib.load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py'))
+
+
+@pytest.fixture(scope='session')
+def tiny_params(tiny_config):
+  """Random params of the tiny model (with the MVM head), initialised once per session."""
+  return stllm.init_params(tiny_config().model, jax.random.key(0))

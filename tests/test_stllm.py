@@ -105,3 +105,35 @@ def test_7b_parameter_counts(report):
   assert abs(counts['Q-Former (+ query tokens, text embeddings, text FFNs)'] / 0.19e9 - 1) < 0.03
   assert counts['projection'] == 768 * 4096 + 4096
   assert counts['ln_vision'] == 2 * 1408
+
+
+def test_global_local_at_initialisation_equals_the_local_frames_alone(rng):
+  """f_m's up projection starts at zero, so the model first sees the 4 local frames exactly."""
+  from stllm_jax import configlib  # pylint: disable=g-import-not-at-top
+  config = configlib.load_config_file('configs/tiny.py').model
+  config.video_input, config.num_local_frames = 'global_local', 4
+  cfg = stllm.model_config(config)
+  params = stllm.init_params(cfg, jax.random.key(0))
+  assert not np.any(params['global_up']['kernel']) and not np.any(params['global_up']['bias'])
+  batch = random_batch(rng, cfg, num_frames=8)
+  local = stllm.local_frame_indices(8, 4)
+  np.testing.assert_array_equal(local, [1, 3, 5, 7])
+  np.testing.assert_array_equal(stllm.local_frame_indices(64, 16), np.arange(2, 64, 4))
+  # exactly: the visual tokens from the same frame tokens
+  frame_tokens = jax.random.normal(jax.random.key(1), (2, 8, 8, cfg.llm.width))
+  arranged = STLLM(cfg).apply({'params': params}, frame_tokens, method='arrange_video')
+  np.testing.assert_array_equal(np.asarray(arranged), np.asarray(frame_tokens[:, local].reshape(2, 32, -1)))
+  # and the whole model (the vision tower sees 8 frames instead of 4: float rounding only)
+  config.video_input = 'all'
+  local_only = STLLM(stllm.model_config(config)).apply(
+      {'params': {k: v for k, v in params.items() if not k.startswith('global_')}},
+      dict(batch, frames=batch['frames'][:, local]))
+  global_local = STLLM(cfg).apply({'params': params}, batch)
+  assert global_local.shape == (2, 4 * 8 + 6, cfg.llm.vocab_size)
+  np.testing.assert_allclose(np.asarray(global_local), np.asarray(local_only), rtol=1e-5, atol=1e-5)
+
+  # once f_m is non-zero the global frames matter
+  shifted = dict(params, global_up={'kernel': params['global_up']['kernel'] + 0.1, 'bias': params['global_up']['bias']})
+  assert not np.allclose(STLLM(cfg).apply({'params': shifted}, batch), global_local)
+  with pytest.raises(ValueError, match='at least num_local_frames=4 frames, got 2'):
+    STLLM(cfg).apply({'params': params}, dict(batch, frames=batch['frames'][:, :2]))

@@ -60,6 +60,8 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.normal(0.02)
+  lora_rank: int = 0  # > 0 adds a low-rank update (see LoRA)
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -75,13 +77,43 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param('bias', param_init(nn.initializers.zeros, self.axes[len(axis):]), features, self.param_dtype)
       y = y + bias.astype(self.dtype)
+    if self.lora_rank:
+      y = y + LoRA(self.lora_rank, self.lora_alpha, features, self.axes, len(axis), self.dtype, self.param_dtype,
+                   name='lora')(x, axis)
     return y
 
 
+class LoRA(nn.Module):
+  """Low-rank update (alpha / r) * (x . A) . B of a frozen Dense: A [in..., r] random, B [r, out...] zero.
+
+  B starts at zero, so a model with fresh LoRA weights computes exactly what its base does.
+  """
+  rank: int
+  alpha: float
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]  # the base kernel's axes
+  n_in: int  # number of contracted input axes
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: Array, axis: tuple[int, ...]) -> Array:
+    in_shape = tuple(x.shape[a] for a in axis)
+    a_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', in_axis=tuple(range(self.n_in)), out_axis=-1)
+    a = self.param('a', param_init(a_init, (*self.axes[:self.n_in], None)), (*in_shape, self.rank), self.param_dtype)
+    b = self.param('b', param_init(nn.initializers.zeros, (None, *self.axes[self.n_in:])),
+                   (self.rank, *self.features), self.param_dtype)
+    h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype), ((axis, tuple(range(self.n_in))), ((), ())))
+    y = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return y * (self.alpha / self.rank)
+
+
 def dense(features, axes: Sequence[str | None], *, name: str | None = None, dtype: Dtype, param_dtype: Dtype,
-          axis: int | tuple[int, ...] = -1, use_bias: bool = True) -> Dense:
+          axis: int | tuple[int, ...] = -1, use_bias: bool = True, lora_rank: int = 0,
+          lora_alpha: float = 16.0) -> Dense:
   """A `Dense` (keyword shorthand used by the towers)."""
-  return Dense(features, tuple(axes), axis, use_bias, dtype, param_dtype, name=name)
+  return Dense(features, tuple(axes), axis, use_bias, dtype, param_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
+               name=name)
 
 
 class LayerNorm(nn.Module):

@@ -17,6 +17,9 @@ from stllm_jax.models import layers
 from stllm_jax.models.layers import Array, Dtype
 
 
+LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   vocab_size: int = 32001  # LLaMA's 32000 + [PAD]
@@ -33,6 +36,14 @@ class LlamaConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = True
   remat_policy: str = 'none'
+  # LoRA (the paper's low-memory variant): rank 0 = off; targets among query, key, value, out, gate, up, down
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ('query', 'value')
+
+  def lora(self, name: str) -> dict:
+    """Dense keyword arguments for the projection `name`."""
+    return dict(lora_rank=self.lora_rank if name in self.lora_targets else 0, lora_alpha=self.lora_alpha)
 
   @property
   def attention_head_dim(self) -> int:
@@ -46,6 +57,9 @@ class LlamaConfig:
                        f'{where}.num_kv_heads={self.num_kv_heads}')
     if self.attention_head_dim % 2:
       raise ValueError(f'RoPE needs an even head dim, got {self.attention_head_dim}')
+    unknown = set(self.lora_targets) - set(LORA_TARGETS)
+    if unknown:
+      raise ValueError(f'{where}.lora_targets has {sorted(unknown)}; choose among {LORA_TARGETS}')
 
 
 def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
@@ -79,14 +93,14 @@ class LlamaAttention(nn.Module):
     hd = cfg.attention_head_dim
     project = lambda name, n_heads, axis: layers.dense(
         (n_heads, hd), ('embed', axis, 'head_dim'), use_bias=False, name=name, dtype=self.dtype,
-        param_dtype=pdt)(x)
+        param_dtype=pdt, **cfg.lora(name))(x)
     query = rotary_embedding(project('query', cfg.num_heads, 'heads'), positions, cfg.rope_theta)
     key = rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta)
     value = project('value', cfg.num_kv_heads, 'kv_heads')
     query = layers.constrain(query, ('activation_batch', 'activation_length', 'activation_heads', None))
     out = layers.attention(query, key, value, mask, self.attention_impl)  # [B, L, H, hd]
     return layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), use_bias=False, name='out',
-                        dtype=self.dtype, param_dtype=pdt)(out)
+                        dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'))(out)
 
 
 class LlamaMLP(nn.Module):
@@ -98,11 +112,11 @@ class LlamaMLP(nn.Module):
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
     up = lambda name: layers.dense(cfg.mlp_dim, ('embed', 'mlp'), use_bias=False, name=name, dtype=self.dtype,
-                                   param_dtype=pdt)(x)
+                                   param_dtype=pdt, **cfg.lora(name))(x)
     h = nn.silu(up('gate')) * up('up')
     h = layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))
     return layers.dense(cfg.width, ('mlp', 'embed'), use_bias=False, name='down', dtype=self.dtype,
-                        param_dtype=pdt)(h)
+                        param_dtype=pdt, **cfg.lora('down'))(h)
 
 
 class LlamaBlock(nn.Module):

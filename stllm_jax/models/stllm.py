@@ -5,9 +5,11 @@
       --[V : text embeddings]--> LLaMA --> logits [B, Nv + L, vocab]
 
 `video_input` picks how frame tokens become V: `all` concatenates them in time order (Nv = T*K, the
-paper's method); `mean` averages over frames (Nv = K, the paper's baseline). There are no separators and
-no frame or time embeddings: RoPE over the flat sequence carries the order. The training step composes
-the same methods with the dynamic-masking gather between `arrange_video` and `embed_inputs`.
+paper's method); `mean` averages over frames (Nv = K, the paper's baseline); `global_local` (for long
+videos) averages all T frames into V0, takes `num_local_frames` of them (segment middles) and adds
+f_m(V0) = up(ReLU(down(V0))) to each, with `up` zero-initialised (Nv = num_local_frames*K). There are no
+separators and no frame or time embeddings: RoPE over the flat sequence carries the order. The training
+step composes the same methods with the dynamic-masking gather between `visual_tokens` and `embed_inputs`.
 
 Contract (stable): `STLLM(config.model).apply({'params': params}, batch)` with `batch` holding
 `frames` float [B, T, H, W, 3] (normalised, channels-last), `qformer_input_ids` / `qformer_attention_mask`
@@ -18,6 +20,7 @@ float32 logits [B, Nv + L, vocab].
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -33,7 +36,7 @@ from stllm_jax.models.layers import Array
 from stllm_jax.models.llama import Llama, LlamaConfig
 from stllm_jax.models.qformer import QFormer, QFormerConfig
 
-VIDEO_INPUTS = ('all', 'mean')
+VIDEO_INPUTS = ('all', 'mean', 'global_local')
 ATTENTION_IMPLS = {'auto': None, 'xla': 'xla', 'cudnn': 'cudnn'}
 BATCH_KEYS = ('frames', 'qformer_input_ids', 'qformer_attention_mask', 'input_ids', 'attention_mask')
 
@@ -46,6 +49,10 @@ class STLLMConfig:
   llm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
   ln_vision_eps: float = 1e-5  # LAVIS; Hugging Face InstructBLIP uses the vision eps (1e-6)
   video_input: str = 'all'
+  num_local_frames: int = 16  # global_local: frames kept as spatio-temporal tokens
+  global_mlp_dim: int = 1024  # global_local: hidden width of f_m
+  mvm_head: bool = False  # the masked-video-modelling head (Linear D->D, LayerNorm), used in training only
+  mvm_norm_eps: float = 1e-5
   dtype: str = 'float32'  # compute dtype of every tower; 'bfloat16' on accelerators
   attention_impl: str = 'auto'  # 'auto' | 'xla' | 'cudnn' (jax.nn.dot_product_attention)
 
@@ -62,7 +69,7 @@ class STLLMConfig:
   def num_visual_tokens(self, num_frames: int) -> int:
     """Visual tokens the LLM sees for `num_frames` frames (before any masking)."""
     k = self.qformer.num_query_tokens
-    return {'all': num_frames * k, 'mean': k}[self.video_input]
+    return {'all': num_frames * k, 'mean': k, 'global_local': self.num_local_frames * k}[self.video_input]
 
 
 def model_config(config: Any) -> STLLMConfig:
@@ -75,6 +82,13 @@ def model_config(config: Any) -> STLLMConfig:
 def default_config() -> ml_collections.ConfigDict:
   """The 7B model as a ConfigDict, for config files to start from."""
   return configlib.to_config_dict(STLLMConfig())
+
+
+def local_frame_indices(num_frames: int, num_local: int) -> np.ndarray:
+  """Middles of `num_local` equal segments of `num_frames` frames (64 -> 16: 2, 6, ..., 62)."""
+  if num_frames < num_local:
+    raise ValueError(f'global_local input needs at least num_local_frames={num_local} frames, got {num_frames}')
+  return ((np.arange(num_local) + 0.5) * (num_frames / num_local)).astype(np.int32)
 
 
 def check_batch(batch: Mapping[str, Any]) -> None:
@@ -106,6 +120,14 @@ class STLLM(nn.Module):
     self.projection = layers.dense(cfg.llm.width, ('source_embed', 'embed'), dtype=dtype,
                                    param_dtype=layers.as_dtype(cfg.llm.param_dtype))
     self.llm = Llama(cfg.llm, dtype, impl)
+    pdt = layers.as_dtype(cfg.llm.param_dtype)
+    if cfg.video_input == 'global_local':
+      self.global_down = layers.dense(cfg.global_mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt)
+      self.global_up = layers.Dense(cfg.llm.width, ('mlp', 'embed'), dtype=dtype, param_dtype=pdt,
+                                    kernel_init=nn.initializers.zeros)  # f_m starts at zero
+    if cfg.mvm_head:
+      self.mvm_dense = layers.dense(cfg.llm.width, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt)
+      self.mvm_norm = layers.LayerNorm(cfg.mvm_norm_eps, dtype=dtype, param_dtype=pdt)
 
   def encode_frames(self, frames: Array, qformer_input_ids: Array, qformer_attention_mask: Array) -> Array:
     """frames [B, T, H, W, 3] -> frame tokens [B, T, K, D]; the same instruction is used for every frame."""
@@ -119,9 +141,24 @@ class STLLM(nn.Module):
   def arrange_video(self, frame_tokens: Array) -> Array:
     """frame tokens [B, T, K, D] -> visual tokens V [B, Nv, D] according to `video_input`."""
     b, t, k, d = frame_tokens.shape
-    if self.cfg.video_input == 'all':
-      return frame_tokens.reshape(b, t * k, d)  # time-major: frame 0's K tokens, then frame 1's...
-    return jnp.mean(frame_tokens, axis=1)  # 'mean': [B, K, D]
+    mode = self.cfg.video_input
+    if mode == 'mean':
+      return jnp.mean(frame_tokens, axis=1)  # [B, K, D]
+    if mode == 'global_local':
+      global_tokens = jnp.mean(frame_tokens, axis=1)  # V0 [B, K, D]
+      residual = self.global_up(nn.relu(self.global_down(global_tokens)))  # f_m(V0) [B, K, D]
+      frame_tokens = frame_tokens[:, local_frame_indices(t, self.cfg.num_local_frames)] + residual[:, None]
+      t = self.cfg.num_local_frames
+    return frame_tokens.reshape(b, t * k, d)  # time-major: frame 0's K tokens, then frame 1's...
+
+  def visual_tokens(self, batch: Mapping[str, Array]) -> Array:
+    """The batch's video as the LLM's visual tokens V [B, Nv, D] (no masking)."""
+    return self.arrange_video(
+        self.encode_frames(batch['frames'], batch['qformer_input_ids'], batch['qformer_attention_mask']))
+
+  def mvm_head(self, hidden: Array) -> Array:
+    """The student side of masked video modelling: LayerNorm(Linear(hidden)), [B, N, D]."""
+    return self.mvm_norm(self.mvm_dense(hidden))
 
   def embed_inputs(self, visual_tokens: Array, input_ids: Array, attention_mask: Array) -> tuple[Array, Array]:
     """[V : C]: visual tokens first, then the text embeddings; returns (embeddings, mask) [B, Nv + L, ...]."""
@@ -133,15 +170,25 @@ class STLLM(nn.Module):
 
   def __call__(self, batch: Mapping[str, Array]) -> Array:
     check_batch(batch)
-    frame_tokens = self.encode_frames(batch['frames'], batch['qformer_input_ids'], batch['qformer_attention_mask'])
-    embeddings, mask = self.embed_inputs(self.arrange_video(frame_tokens), batch['input_ids'], batch['attention_mask'])
+    embeddings, mask = self.embed_inputs(self.visual_tokens(batch), batch['input_ids'], batch['attention_mask'])
     return self.llm.logits(self.llm(embeddings, mask))
 
+  def initialize(self, batch: Mapping[str, Array]) -> Array:
+    """`__call__` plus the training-only parts (MVM head): the method `init` runs to create every parameter."""
+    logits = self(batch)
+    if self.cfg.mvm_head:
+      self.mvm_head(jnp.zeros((1, 1, self.cfg.llm.width), logits.dtype))
+    return logits
 
-def dummy_batch(config: Any, batch_size: int = 1, num_frames: int = 1, text_len: int = 1,
+
+def dummy_batch(config: Any, batch_size: int = 1, num_frames: int = 0, text_len: int = 1,
                 qformer_text_len: int = 1) -> dict[str, np.ndarray]:
-  """An all-zeros batch of the right shapes and dtypes (for init, eval_shape and compilation)."""
+  """An all-zeros batch of the right shapes and dtypes (for init, eval_shape and compilation).
+
+  num_frames 0: the fewest frames the model accepts.
+  """
   cfg = model_config(config)
+  num_frames = num_frames or (cfg.num_local_frames if cfg.video_input == 'global_local' else 1)
   size = cfg.vision.image_size
   ids = lambda n: np.zeros((batch_size, n), np.int32)
   return dict(frames=np.zeros((batch_size, num_frames, size, size, 3), np.float32),
@@ -151,9 +198,16 @@ def dummy_batch(config: Any, batch_size: int = 1, num_frames: int = 1, text_len:
 
 def abstract_variables(config: Any) -> Any:
   """Shapes, dtypes and logical axes of every parameter (boxed), without allocating memory."""
-  return jax.eval_shape(STLLM(config).init, jax.random.key(0), dummy_batch(config))
+  return jax.eval_shape(functools.partial(STLLM(config).init, method='initialize'), jax.random.key(0),
+                        dummy_batch(config))
 
 
 def init_params(config: Any, rng: jax.Array) -> Any:
-  """Freshly initialised (unboxed) params."""
-  return nn.meta.unbox(STLLM(config).init(rng, dummy_batch(config)))['params']
+  """Freshly initialised (unboxed) params; compiled once per model config (op-by-op is far slower)."""
+  return _init_fn(model_config(config))(rng)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(cfg: STLLMConfig):
+  batch = dummy_batch(cfg)
+  return jax.jit(lambda key: nn.meta.unbox(STLLM(cfg).init(key, batch, method='initialize'))['params'])

@@ -1,0 +1,222 @@
+"""One optimizer step of ST-LLM training, as pure functions of arrays.
+
+    visual tokens V [B, Nv, D]  (frozen towers + trainable projection / f_m; frozen params get no gradient)
+      -> dynamic mask: gather of n_keep tokens per sample (n_keep static: one compiled step per bucket)
+      -> [V_kept : text] -> LLaMA -> hidden [B, n_keep + L, D]
+      -> LM loss: logits of the positions before each text token, on answer tokens only
+      -> MVM loss: mvm_head(hidden at the kept visual positions) vs the teacher, i.e. the same LLM on the
+         unmasked visual prefix, under stop_gradient (visual tokens first + causal attention => the
+         teacher's visual outputs depend only on that prefix)
+
+The batch is split into `grad_accum_steps` micro-batches (scanned); the LM loss is normalised by the
+answer-token count of the whole batch, so accumulation equals one large batch. A step whose loss or
+gradient is not finite changes nothing (params and optimizer state are kept) and is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from stllm_jax import configlib, losses, masking
+from stllm_jax.models import layers
+from stllm_jax.models.stllm import STLLM
+
+MODEL_BATCH_KEYS = ('frames', 'qformer_input_ids', 'qformer_attention_mask', 'input_ids', 'attention_mask',
+                    'answer_mask')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 0  # optimizer steps of the run; 0 = epochs x dataset size / batch_size
+  epochs: float = 2.0
+  batch_size: int = 128  # global, per optimizer step
+  grad_accum_steps: int = 1  # micro-batches per step (each batch_size / grad_accum_steps samples)
+  lr: float = 2e-5
+  warmup_fraction: float = 0.03  # linear warmup, then cosine decay to end_lr
+  end_lr: float = 0.0
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  grad_clip_norm: float = 0.0  # 0 = no clipping (the released runs)
+  # Params whose path ('vision/blocks/layers/fc1/kernel') fully matches one of these get no gradient,
+  # no update and no optimizer state.
+  frozen: tuple[str, ...] = ('vision/.*', 'ln_vision/.*', 'qformer/.*')
+  masking: masking.MaskingConfig = dataclasses.field(default_factory=masking.MaskingConfig)
+  mvm_weight: float = 1.0  # 0 = no MVM loss (and no teacher pass)
+  mvm_loss: str = 'cosine'  # 'cosine' (released code) or 'mse' (paper Eq. 4)
+  max_nonfinite_in_a_row: int = 10
+  log_every: int = 10
+  checkpoint_every: int = 500
+  checkpoints_to_keep: int = 3
+
+  def validate(self) -> None:
+    self.masking.validate()
+    if self.batch_size % self.grad_accum_steps:
+      raise ValueError(f'train.batch_size={self.batch_size} is not a multiple of '
+                       f'train.grad_accum_steps={self.grad_accum_steps}')
+    if self.mvm_loss not in losses.MVM_LOSSES:
+      raise ValueError(f'train.mvm_loss={self.mvm_loss!r}; choose one of {losses.MVM_LOSSES}')
+    for pattern in self.frozen:
+      re.compile(pattern)
+
+
+def train_config(config: Any) -> TrainConfig:
+  cfg = configlib.from_dict(TrainConfig, config, 'train')
+  cfg.validate()
+  return cfg
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], loop steps done (skipped non-finite steps included)
+  params: Any  # the trainable params only
+  opt_state: Any
+  rng: jax.Array  # uint32 key data; split once per step
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+def path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def is_frozen(path: str, patterns: tuple[str, ...]) -> bool:
+  return any(re.fullmatch(p, path) for p in patterns)
+
+
+def split_params(params: Any, frozen_patterns: tuple[str, ...]) -> tuple[dict, dict]:
+  """(trainable, frozen): two nested dicts with disjoint leaves whose union is `params`."""
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  trainable = {k: v for k, v in flat.items() if not is_frozen(k, frozen_patterns)}
+  frozen = {k: v for k, v in flat.items() if is_frozen(k, frozen_patterns)}
+  unflatten = lambda d: flax.traverse_util.unflatten_dict(d, sep='/')
+  return unflatten(trainable), unflatten(frozen)
+
+
+def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
+  flat = flax.traverse_util.flatten_dict(dict(frozen), sep='/')
+  flat.update(flax.traverse_util.flatten_dict(dict(trainable), sep='/'))
+  return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+  warmup = int(cfg.warmup_fraction * total_steps)
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1), cfg.end_lr)
+
+
+def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+  adamw = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw) if cfg.grad_clip_norm > 0 else adamw
+
+
+def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int, trainable_shardings: Any,
+               mesh: jax.sharding.Mesh) -> TrainState:
+  """A fresh TrainState placed on `mesh`: params and their Adam moments sharded alike, scalars replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, trainable),
+                                        trainable_shardings, transform_non_params=lambda _: replicated,
+                                        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  shardings = TrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings, rng=replicated)
+  make = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                   rng=jax.random.key_data(jax.random.key(seed)))
+  return jax.jit(make, out_shardings=shardings)(trainable)
+
+
+# ------------------------------------------------------------------------------------------ the loss
+
+def micro_batch_loss(trainable: Any, frozen: Any, batch: Mapping[str, jax.Array], key: jax.Array, *,
+                     model: STLLM, cfg: TrainConfig, n_keep: int, lm_norm: jax.Array,
+                     mvm_norm: float) -> tuple[jax.Array, dict]:
+  """Loss of one micro-batch, already scaled for summation over micro-batches."""
+  apply = functools.partial(model.apply, {'params': merge_params(trainable, frozen)})
+  visual = apply(batch, method='visual_tokens')  # [b, Nv, D]
+  b, n_visual = visual.shape[:2]
+  if n_keep < n_visual:
+    keep = masking.keep_indices(key, b, n_visual, n_keep)  # [b, n_keep]
+    kept = masking.gather_tokens(visual, keep)
+  else:
+    keep, kept = None, visual
+  embeddings, mask = apply(kept, batch['input_ids'], batch['attention_mask'], method='embed_inputs')
+  hidden = apply(embeddings, mask, method=lambda m, e, k: m.llm(e, k))  # [b, n_keep + L, D]
+  text_len = batch['input_ids'].shape[1]
+  # The hidden state just before each text token predicts it (the last visual one predicts the first).
+  text_hidden = jax.lax.dynamic_slice_in_dim(hidden, n_keep - 1, text_len, axis=1)
+  logits = apply(text_hidden, method=lambda m, h: m.llm.logits(h))  # [b, L, V] float32
+  lm_sum, lm_count = losses.lm_loss_sum(logits, batch['input_ids'], batch['answer_mask'])
+  loss = lm_sum / lm_norm
+  mvm = jnp.zeros((), jnp.float32)
+  if cfg.mvm_weight > 0:
+    teacher_input = jax.lax.stop_gradient(visual)
+    teacher = jax.lax.stop_gradient(apply(teacher_input, jnp.ones((b, n_visual), jnp.int32),
+                                          method=lambda m, e, k: m.llm(e, k)))  # [b, Nv, D]
+    if keep is not None:
+      teacher = masking.gather_tokens(teacher, keep)
+    student = apply(hidden[:, :n_keep], method='mvm_head')
+    mvm = losses.mvm_loss(student, teacher, cfg.mvm_loss)
+    loss = loss + cfg.mvm_weight * mvm / mvm_norm
+  return loss, {'lm_sum': lm_sum, 'lm_count': lm_count, 'mvm': mvm}
+
+
+def split_micro_batches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [n, B/n, ...] taking every n-th sample, so each micro-batch spans every data shard."""
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return layers.constrain(x, (None, 'activation_batch', *([None] * (x.ndim - 2))))
+  return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *, model: STLLM,
+               cfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               n_keep: int) -> tuple[TrainState, dict]:
+  """One optimizer step over `batch` (all of MODEL_BATCH_KEYS), keeping `n_keep` visual tokens per sample."""
+  batch = {k: batch[k] for k in MODEL_BATCH_KEYS}
+  n_micro = cfg.grad_accum_steps
+  rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+  lm_norm = jnp.maximum(jnp.sum(batch['answer_mask']).astype(jnp.float32), 1.0)
+  loss_fn = functools.partial(micro_batch_loss, model=model, cfg=cfg, n_keep=n_keep, lm_norm=lm_norm,
+                              mvm_norm=float(n_micro))
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulate(carry, micro):
+    grads, loss, lm_sum, mvm = carry
+    (micro_loss, aux), micro_grads = grad_fn(state.params, frozen, micro['batch'], micro['key'])
+    grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
+    return (grads, loss + micro_loss, lm_sum + aux['lm_sum'], mvm + aux['mvm'] / n_micro), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  micro = {'batch': split_micro_batches(batch, n_micro), 'key': jax.random.split(step_key, n_micro)}
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  (grads, loss, lm_sum, mvm), _ = jax.lax.scan(accumulate, init, micro)
+
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep_if_finite = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep_if_finite(new_params, state.params),
+                         opt_state=keep_if_finite(new_opt_state, state.opt_state),
+                         rng=jax.random.key_data(rng))
+  metrics = {'loss': loss, 'lm_loss': lm_sum / lm_norm, 'mvm_loss': mvm, 'grad_norm': grad_norm,
+             'finite': finite, 'lr': schedule(optimizer_count(state.opt_state))}
+  return new_state, metrics
+
+
+def optimizer_count(opt_state: Any) -> jax.Array:
+  """Updates applied so far (what the schedule is at; Adam and the schedule keep equal counts)."""
+  return optax.tree_utils.tree_get_all_with_path(opt_state, 'count')[0][1]
+
+
+def compiled_programs(step_fn: Callable) -> int:
+  """How many programs a jitted function has compiled so far (one per distinct shape / static arg)."""
+  return step_fn._cache_size()  # pylint: disable=protected-access

@@ -1,0 +1,268 @@
+"""Train ST-LLM.
+
+    python -m stllm_jax.train --config configs/X.py [--workdir DIR] [--config.train.lr=1e-5 ...]
+
+A batch goes: data iterator (host, numpy) -> `sharding.shard_batch` (split over the mesh's data axes)
+-> `step.train_step` (jitted once per visual-token bucket x text-length bucket) -> metrics. Checkpoints
+(`checkpoints.RunCheckpoints`) hold the train state and the data iterator's state; a rerun of the same
+command resumes from the latest one. SIGTERM saves a checkpoint and exits (status 143).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from stllm_jax import checkpoints, masking, sharding, step
+from stllm_jax.data.random_batches import RandomBatches
+from stllm_jax.errors import UserError, exit_with
+from stllm_jax.metrics import MetricsWriter
+from stllm_jax.models import stllm
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics); default runs/<config name>')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; set by launch/ scripts)')
+
+KILL_AT_STEP_ENV = 'STLLM_KILL_AT_STEP'  # fault injection: SIGKILL this process before step N (resume tests)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
+  enable_compilation_cache()
+  if FLAGS.config is None:
+    exit_with(UserError('give a config: python -m stllm_jax.train --config configs/tiny.py'))
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  workdir = FLAGS.workdir or os.path.join('runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
+      FLAGS['config'])))[0])
+  try:
+    train(FLAGS.config, workdir)
+  except UserError as error:
+    exit_with(error)
+
+
+def enable_compilation_cache() -> None:
+  """Compiled train steps are kept on disk (JAX_COMPILATION_CACHE_DIR, default ~/.cache/stllm_jax/xla),
+  so a rerun or a resumed run does not compile its programs again."""
+  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/stllm_jax/xla'))
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def train(config: Any, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the last logged metrics."""
+
+  model_cfg, train_cfg = _validated(config)
+  preflight(config)
+  mesh = sharding.make_mesh(config.mesh)
+  data = make_data(config, model_cfg, train_cfg)
+  total_steps = train_cfg.steps or math.ceil(train_cfg.epochs * data.num_samples / train_cfg.batch_size)
+  log = _logger()
+  log(f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}; '
+      f'{total_steps} steps of {train_cfg.batch_size} samples ({train_cfg.grad_accum_steps} micro-batches)')
+
+  model = stllm.STLLM(model_cfg)
+  abstract = stllm.abstract_variables(model_cfg)
+  shardings = sharding.param_shardings(abstract, mesh)
+  params = initial_params(config, model_cfg, abstract, shardings, log)
+  trainable, frozen = step.split_params(params, train_cfg.frozen)
+  del params
+  log(f'trainable {_count(trainable):,d} params, frozen {_count(frozen):,d}')
+  schedule = step.make_schedule(train_cfg, total_steps)
+  tx = step.make_optimizer(train_cfg, schedule)
+  state = step.init_state(trainable, tx, config.seed, step.split_params(shardings, train_cfg.frozen)[0], mesh)
+
+  run = checkpoints.RunCheckpoints(workdir, train_cfg.checkpoints_to_keep)
+  frozen_sums = checkpoints.checksums(frozen)
+  start = run.latest_step()
+  if start is not None:
+    state, extra = run.restore(start, state)
+    changed = checkpoints.checksum_mismatches(extra['frozen_checksums'], frozen_sums)
+    if changed:
+      raise UserError(f'{workdir} was trained from other frozen weights than config.init gives now '
+                      f'({len(changed)} params differ, e.g. {changed[0]}); use the same init.checkpoint or a new workdir')
+    data.set_state(extra['data'])
+    log(f'resumed from step {start} in {run.directory}')
+  start = int(state.step)
+
+  # The state keeps its shardings from step to step, so each bucket compiles exactly once.
+  state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  train_step = jax.jit(functools.partial(step.train_step, model=model, cfg=train_cfg, tx=tx, schedule=schedule),
+                       static_argnames='n_keep', donate_argnames='state', out_shardings=(state_shardings, None))
+  writer = MetricsWriter(workdir)
+  stop = {'signal': None}
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  kill_at = int(os.environ.get(KILL_AT_STEP_ENV, '0'))
+
+  def save(at_step: int) -> None:
+    if not bool(_all_finite(state.params)):
+      raise UserError(f'the trainable params hold non-finite values at step {at_step}; no checkpoint written')
+    run.save(at_step, state, {'data': data.get_state(), 'frozen_checksums': frozen_sums,
+                              'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config)})
+
+  window, last = [], {}
+  nonfinite_in_a_row = 0
+  window_start = time.perf_counter()
+  progress = tqdm(total=total_steps, initial=start, desc='train', unit='step', disable=jax.process_index() != 0,
+                  mininterval=1.0 if sys.stderr.isatty() else 30.0)
+  with sharding.activate(mesh):
+    for current in range(start, total_steps):
+      if kill_at and current + 1 == kill_at:
+        run.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+      host_batch = next(data)
+      num_visual = model_cfg.num_visual_tokens(host_batch['frames'].shape[1])
+      rho, n_keep = masking.step_mask_plan(current, config.seed, num_visual, train_cfg.masking)
+      batch = sharding.shard_batch({k: host_batch[k] for k in step.MODEL_BATCH_KEYS}, mesh)
+      state, metrics = train_step(state, frozen, batch, n_keep=n_keep)
+      tokens = host_batch['frames'].shape[0] * (n_keep + host_batch['input_ids'].shape[1]) * jax.process_count()
+      window.append((metrics, rho, n_keep, tokens, host_batch['frames'].shape[0] * host_batch['frames'].shape[1]))
+      progress.update(1)
+      done = current + 1
+      if done % train_cfg.log_every == 0 or done == total_steps or stop['signal']:
+        last = _summarise(window, time.perf_counter() - window_start, jax.process_count())
+        last.update(compiled_steps=step.compiled_programs(train_step), skipped=data.skip_counts())
+        nonfinite_in_a_row = _count_nonfinite(window, nonfinite_in_a_row)
+        writer.write(done, {k: v for k, v in last.items() if k != 'skipped'})
+        progress.set_postfix(loss=f'{last["loss"]:.4f}', lr=f'{last["lr"]:.2e}', keep=last['kept_tokens'])
+        window, window_start = [], time.perf_counter()
+        if nonfinite_in_a_row >= train_cfg.max_nonfinite_in_a_row:
+          progress.close()
+          raise UserError(f'{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step '
+                          f'{done}); their updates were skipped. Lower train.lr, enable train.grad_clip_norm, or '
+                          f'check the data. The last good checkpoint is in {run.directory}')
+      if done % train_cfg.checkpoint_every == 0 or done == total_steps or stop['signal']:
+        save(done)
+      if stop['signal']:
+        run.wait()
+        progress.close()
+        log(f'stopped by signal {stop["signal"]} after step {done}; checkpoint saved, rerun the same command to resume')
+        sys.exit(128 + stop['signal'])
+  progress.close()
+  run.wait()
+  run.close()
+  writer.close()
+  log(f'done: {total_steps} steps; last loss {last.get("loss", float("nan")):.4f}; '
+      f'{last.get("compiled_steps", 0)} compiled train-step programs; workdir {workdir}')
+  return last
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+def _validated(config: Any):
+  try:
+    model_cfg, train_cfg = stllm.model_config(config.model), step.train_config(config.train)
+  except (ValueError, TypeError, KeyError) as err:
+    raise UserError(f'bad config: {err}') from None
+  if train_cfg.mvm_weight > 0 and not model_cfg.mvm_head:
+    raise UserError('train.mvm_weight > 0 needs the MVM head: set model.mvm_head=True (or train.mvm_weight=0)')
+  return model_cfg, train_cfg
+
+
+def preflight(config: Any) -> None:
+  """Everything a run needs from disk, checked before any work; all problems in one message."""
+  problems = []
+  init = config.init.checkpoint
+  if init and not os.path.isdir(init):
+    problems.append(f'initial weights {init!r} not found. Convert the released weights first, e.g.\n'
+                    f'    python -m stllm_jax.convert lavis --vit eva_vit_g.pth '
+                    f'--instructblip instruct_blip_vicuna7b_trimmed.pth --llm vicuna-7b-v1.1/ --out {init}\n'
+                    f'  (README "Weights"), or set --config.init.checkpoint="" to start from random weights')
+  if config.data.source != 'random':
+    problems.extend(data_problems(config.data))
+  if problems:
+    raise UserError('cannot start training:\n  - ' + '\n  - '.join(problems))
+
+
+def data_problems(data_config: Any) -> list[str]:
+  raise UserError(f'data.source={data_config.source!r} is not available yet; use data.source="random"')
+
+
+def make_data(config: Any, model_cfg: Any, train_cfg: Any):
+  """The training batch iterator for this host: numpy batches of batch_size / process_count samples."""
+  return RandomBatches(config.data, model_cfg, train_cfg.batch_size, jax.process_index(), jax.process_count())
+
+
+def initial_params(config: Any, model_cfg: Any, abstract: Any, shardings: Any, log) -> Any:
+  """Params placed on the mesh: random (seeded) or the init checkpoint, plus fresh `init.new_params`."""
+
+  fresh = jax.jit(functools.partial(stllm.init_params, model_cfg), out_shardings=shardings)(
+      jax.random.key(config.seed))
+  path = config.init.checkpoint
+  if not path:
+    log('random initial weights (seed %d)' % config.seed)
+    return fresh
+  stored = checkpoints.stored_param_shapes(path)
+  flat_fresh = flax.traverse_util.flatten_dict(fresh, sep='/')
+  expected = {k: tuple(v.shape) for k, v in flat_fresh.items()}
+  unknown = sorted(set(stored) - set(expected))
+  misshaped = sorted(f'{k} {list(stored[k])} vs model {list(expected[k])}'
+                     for k in set(stored) & set(expected) if stored[k] != expected[k])
+  absent = sorted(set(expected) - set(stored))
+  not_new = [k for k in absent if not step.is_frozen(k, tuple(config.init.new_params))]
+  if unknown or misshaped or not_new:
+    lines = [f'{path} does not fit config.model:']
+    for title, items in (('in the checkpoint, not in the model', unknown), ('mis-shaped', misshaped),
+                         ('in the model, not in the checkpoint (and not in init.new_params)', not_new)):
+      if items:
+        lines.append(f'  {title}: {len(items)}, e.g. ' + ', '.join(items[:5]))
+    raise UserError('\n'.join(lines))
+  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep='/')
+  target = flax.traverse_util.unflatten_dict(
+      {k: jax.ShapeDtypeStruct(flat_fresh[k].shape, flat_fresh[k].dtype, sharding=flat_shardings[k]) for k in stored},
+      sep='/')
+  loaded = flax.traverse_util.flatten_dict(checkpoints.load_weights(path, target), sep='/')
+  log(f'initial weights from {path}' + (f'; newly initialised: {", ".join(sorted({k.split("/")[0] for k in absent}))}'
+                                        if absent else ''))
+  del abstract
+  return flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in flat_fresh.items()}, sep='/')
+
+
+def _logger():
+  return (lambda message: tqdm.write(message, file=sys.stderr)) if jax.process_index() == 0 else (lambda message: None)
+
+
+def _count(tree: Any) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _all_finite(tree: Any):
+  return jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(t)])))(tree)
+
+
+def _summarise(window, seconds: float, process_count: int) -> dict:
+  """Averages of the window's device metrics (one transfer), plus rates."""
+  device_metrics = jax.device_get([m for m, *_ in window])
+  mean = lambda key: float(np.mean([m[key] for m in device_metrics]))
+  steps = len(window)
+  return {'loss': mean('loss'), 'lm_loss': mean('lm_loss'), 'mvm_loss': mean('mvm_loss'),
+          'grad_norm': mean('grad_norm'), 'lr': float(device_metrics[-1]['lr']),
+          'mask_rate': float(np.mean([r for _, r, *_ in window])), 'kept_tokens': int(window[-1][2]),
+          'nonfinite_steps': int(sum(not bool(m['finite']) for m in device_metrics)),
+          'step_time_s': seconds / steps, 'tokens_per_s': sum(t for *_, t, _ in window) / seconds,
+          'frames_per_s': sum(f for *_, f in window) * process_count / seconds}
+
+
+def _count_nonfinite(window, in_a_row: int) -> int:
+  for finite in jax.device_get([m['finite'] for m, *_ in window]):
+    in_a_row = 0 if finite else in_a_row + 1
+  return in_a_row
+
+
+if __name__ == '__main__':
+  app.run(main)

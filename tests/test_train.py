@@ -1,0 +1,130 @@
+"""The training entry point: a sharded run, exact resume after SIGKILL, first-run and non-finite messages."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from stllm_jax import checkpoints, train
+from stllm_jax.errors import UserError
+from stllm_jax.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--config.train.steps=6', '--config.train.checkpoint_every=3', '--config.train.log_every=1',
+        '--config.train.masking.keep_buckets=(0.5, 0.7)', '--config.data.text_buckets=(16,)',
+        '--config.mesh=data=2,fsdp=2,tensor=2']
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  """8 CPU devices and a compilation cache shared by this module's subprocesses."""
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')), PYTHONPATH=ROOT)
+
+
+def run_train(workdir, env, *extra, kill_at=0):
+  env = dict(env, **({train.KILL_AT_STEP_ENV: str(kill_at)} if kill_at else {}))
+  return subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', 'configs/tiny.py',
+                         f'--workdir={workdir}', *FAST, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+
+
+def final_params(workdir):
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'extra')) as manager:
+    restored = manager.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored.state['params']
+
+
+def test_sharded_run_and_exact_resume_after_sigkill(tmp_path, env, report):
+  straight = run_train(tmp_path / 'straight', env)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in straight.stderr
+
+  killed = run_train(tmp_path / 'resumed', env, kill_at=5)  # dies before step 5: step 4 is lost
+  assert killed.returncode == -signal.SIGKILL
+  resumed = run_train(tmp_path / 'resumed', env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step 3' in resumed.stderr
+
+  losses = {r['step']: r['loss'] for r in read_jsonl(tmp_path / 'straight' / 'metrics.jsonl')}
+  second = read_jsonl(tmp_path / 'resumed' / 'metrics.jsonl')
+  assert [r['step'] for r in second] == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran twice: before the kill, after the resume
+  assert {r['step']: r['loss'] for r in second} == losses  # identical losses (the rerun of 4 replaces the first)
+  assert second[3]['loss'] == second[4]['loss']
+  a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'resumed')
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)  # bit-identical
+  report('exact resume (tiny config, 8 CPU devices, mesh 2x2x2)',
+         f'losses per step {[round(losses[s], 5) for s in sorted(losses)]}; resumed run identical, params bit-identical')
+  compiled = read_jsonl(tmp_path / 'straight' / 'metrics.jsonl')[-1]['compiled_steps']
+  assert compiled <= 2  # 2 visual buckets x 1 text bucket
+
+
+def test_first_run_of_the_7b_config_names_what_is_missing(tmp_path, env):
+  result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', 'configs/stllm_7b.py',
+                           f'--workdir={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert 'Traceback' not in result.stderr
+  assert 'cannot start training' in result.stderr
+  assert 'python -m stllm_jax.convert' in result.stderr
+
+
+def test_bad_config_value_is_one_message(tmp_path, env):
+  result = run_train(tmp_path, env, '--config.train.mvm_loss=l1')
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert "train.mvm_loss='l1'" in result.stderr
+
+
+class NaNBatches:
+  """Wraps a data iterator: every batch's frames are NaN."""
+
+  def __init__(self, inner):
+    self.inner, self.num_samples = inner, inner.num_samples
+
+  def __next__(self):
+    batch = next(self.inner)
+    return dict(batch, frames=batch['frames'] * np.nan)
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, tiny_config, monkeypatch):
+  config = tiny_config()
+  config.train.update(steps=8, log_every=1, checkpoint_every=2, max_nonfinite_in_a_row=3)
+  config.train.masking.keep_buckets = (0.7,)
+  config.train.masking.low = 0.3
+  config.data.text_buckets = (16,)
+  make_data = train.make_data
+  monkeypatch.setattr(train, 'make_data', lambda *a: NaNBatches(make_data(*a)))
+  with pytest.raises(UserError, match='3 steps in a row had a non-finite loss'):
+    train.train(config, str(tmp_path))
+  records = read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['nonfinite_steps'] for r in records] == [1, 1, 1]
+  # the checkpoint at step 2 holds the untouched (finite) initial params
+  run = checkpoints.RunCheckpoints(str(tmp_path))
+  assert run.latest_step() == 2
+  with ocp.CheckpointManager(os.path.join(tmp_path, 'checkpoints'), item_names=('state', 'extra')) as manager:
+    state = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state['params']))
+
+
+def test_initial_weights_load_strictly_and_new_parts_are_listed(tmp_path, tiny_config, tiny_params, capsys):
+  config = tiny_config()
+  no_head = {k: v for k, v in tiny_params.items() if not k.startswith('mvm_')}
+  model = config.model.to_dict()
+  checkpoints.save_weights(str(tmp_path / 'weights'), no_head, model)
+  config.init.checkpoint = str(tmp_path / 'weights')
+  config.train.update(steps=1, log_every=1)
+  config.train.masking.keep_buckets = (0.7,)
+  config.data.text_buckets = (16,)
+  train.train(config, str(tmp_path / 'run'))
+  assert 'newly initialised: mvm_dense, mvm_norm' in capsys.readouterr().err
+
+  config.init.new_params = ()
+  with pytest.raises(UserError, match=r'not in the checkpoint \(and not in init.new_params\): 4'):
+    train.train(config, str(tmp_path / 'run2'))
