@@ -1,4 +1,4 @@
-"""The InstructBLIP-Vicuna conversation template, tokenisation, labels and bucketed padding.
+r"""The InstructBLIP-Vicuna conversation template, tokenisation, labels and bucketed padding.
 
 The LLM sees (REFERENCE.md, "sequence"):
 

@@ -12,6 +12,7 @@ REASONS = {
     'missing_file': 'the media path does not exist (check the dataset media_root)',
     'empty_file': 'the media file has zero bytes, or the frame folder holds no images',
     'unreadable_file': 'FFmpeg cannot open the file (not a media file, or a truncated/corrupt container)',
+    'truncated_file': 'the container declares more frames than the file holds (an interrupted download or copy)',
     'no_video_stream': 'the container has no video stream (e.g. audio only)',
     'decode_error': 'FFmpeg or Pillow failed while decoding frames',
     'too_few_frames': 'the video has fewer frames than data.min_video_frames',

@@ -38,6 +38,7 @@ from stllm_jax.data.errors import SampleError
 SAMPLING_MODES = ('rand', 'middle', 'fps')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 DEFAULT_FPS_RANGE = (4, 16)
+TRUNCATION_TOLERANCE = 0.95  # fewer demuxed frames than this share of the declared count: truncated
 
 
 # ----------------------------------------------------------------------------------------- index sampling
@@ -159,6 +160,9 @@ def _probe_container(path: str, threads: int, max_pixels: int) -> Media:
       raise SampleError('decode_error', f'{path}: demuxing failed: {e}') from e
     if not pts:
       raise SampleError('too_few_frames', f'{path} has a video stream with no frames')
+    declared = stream.frames  # from the container's index (0 when unknown)
+    if declared and len(pts) < TRUNCATION_TOLERANCE * declared:
+      raise SampleError('truncated_file', f'{path} declares {declared} frames but only {len(pts)} are present')
     pts_sorted = np.sort(np.asarray(pts, np.int64))  # presentation order
     rate = stream.average_rate or stream.guessed_rate
     if missing_pts:
