@@ -95,10 +95,14 @@ def write_broken_media(directory: str) -> dict[str, str]:
   write_audio_only(os.path.join(directory, 'audio_only.mp4'))
   write_video(os.path.join(directory, 'one_frame.mp4'), pattern_frames(1))
   write_video(os.path.join(directory, 'huge.mp4'), pattern_frames(1, 3000, 4000), options={'preset': 'ultrafast'})
+  folder = write_frame_folder(os.path.join(directory, 'corrupt_frames'), pattern_frames(6))
+  for name in sorted(os.listdir(folder))[1:]:  # the first image is fine, the others are not images
+    with open(os.path.join(folder, name), 'wb') as f:
+      f.write(b'\x89PNG broken')
   return {'missing_file': 'does_not_exist.mp4', 'empty_file': 'zero.mp4', 'unreadable_file': 'text.mp4',
           'unreadable_file_truncated': 'truncated.mp4', 'truncated_file': 'truncated_faststart.mp4',
           'no_video_stream': 'audio_only.mp4',
-          'too_few_frames': 'one_frame.mp4', 'frame_too_large': 'huge.mp4'}
+          'too_few_frames': 'one_frame.mp4', 'frame_too_large': 'huge.mp4', 'decode_error': 'corrupt_frames'}
 
 
 def make_tokenizers(directory: str, corpus: list[str] | None = None) -> tuple[str, str]:

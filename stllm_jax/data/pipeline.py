@@ -13,7 +13,8 @@ Batch (all numpy; shapes fixed per (T, text bucket L, Q-Former bucket Lq); every
     answer_mask             int32   [B, L]           1 on the answer tokens and their closing </s>
     num_real_frames         int32   [B]              distinct frames (< T: the last frame was repeated)
     sample_index            int64   [B]              row of the annotation file
-    dataset_index           int32   [B]              position in data.datasets
+    dataset_index           int32   [B]              position in DataConfig.datasets (a ConfigDict mapping
+                                                     lists its names in sorted order)
     qa_index                int32   [B]              which QA pair of the row
     epoch                   int32   [B]              the dataset epoch the row was drawn in
     text_truncated          int32   [B]              answer-side tokens cut to fit the largest text bucket

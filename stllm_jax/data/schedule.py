@@ -36,7 +36,8 @@ def block_counts(sizes: Sequence[int], weights: Sequence[float], mixing: str, ba
   weights = np.asarray(weights, np.float64)
   if mixing not in MIXING:
     raise ValueError(f'data.mixing={mixing!r}; choose one of {MIXING}')
-  total = int(sum(math.ceil(s / (batch_size * process_count)) for s in sizes))
+  used = weights > 0  # a block is about one pass over the datasets that are read at all
+  total = int(sum(math.ceil(s / (batch_size * process_count)) for s in sizes[used]))
   share = weights * sizes if mixing == 'by_size' else weights.copy()
   share = share / share.sum() * max(total, 1)
   counts = np.floor(share).astype(np.int64)
