@@ -6,7 +6,8 @@
 1. writes `--videos` H.264 mp4 files of `--seconds` each (a textured scene panning under a moving box,
    x264 `veryfast`, keyframe interval `--gop`) into `--dir` (kept and reused between runs);
 2. times one process loading training samples directly (probe + seek/decode 16 `rand` frames, then the
-   shared RandomResizedCrop to 224 + normalisation, plus tokenisation), split into decode and transform;
+   shared RandomResizedCrop to 224 + normalisation), split into decode and transform, in wall-clock and
+   in CPU time (the CPU figure is what one worker on an idle core would reach);
 3. runs the real training iterator (grain, `rand` sampling, batches of `--batch-size`) with 0 workers
    (decoding in the main process: the per-worker rate) and with each `--workers` count, timing batches
    after the first one (worker start-up excluded).
@@ -93,6 +94,7 @@ def time_direct(config, names: list[str], repeats: int) -> dict[str, float]:
   spec = cfg.datasets[0]
   decode_s = transform_s = 0.0
   count = 0
+  cpu_began = time.process_time()
   for repeat in range(repeats):
     for n, name in enumerate(names):
       rng = np.random.default_rng([repeat, n])
@@ -104,9 +106,11 @@ def time_direct(config, names: list[str], repeats: int) -> dict[str, float]:
       transform_s += time.perf_counter() - decoded
       decode_s += decoded - began
       count += 1
+  cpu_s = (time.process_time() - cpu_began) / count
   media = video.probe(os.path.join(spec.media_root, names[0]))
-  return dict(decode_s=decode_s / count, transform_s=transform_s / count,
-              videos_per_s=count / (decode_s + transform_s), frames_per_video=media.num_frames,
+  return dict(decode_s=decode_s / count, transform_s=transform_s / count, cpu_s=cpu_s,
+              videos_per_s=count / (decode_s + transform_s), videos_per_cpu_s=1 / cpu_s,
+              frames_per_video=media.num_frames,
               keyframes_per_video=len(media.keyframe_pts))
 
 
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         f'{args.gop} frames ({direct["frames_per_video"]} frames, {direct["keyframes_per_video"]} keyframes each); '
         f'{args.frames} rand frames -> {args.size}x{args.size}; {os.cpu_count()} CPU cores')
   print(f'  one process, direct: decode {direct["decode_s"] * 1e3:.0f} ms + transform '
-        f'{direct["transform_s"] * 1e3:.0f} ms per video = {direct["videos_per_s"]:.2f} videos/s')
+        f'{direct["transform_s"] * 1e3:.0f} ms per video = {direct["videos_per_s"]:.2f} videos/s wall-clock; '
+        f'{direct["cpu_s"] * 1e3:.0f} ms of CPU per video = {direct["videos_per_cpu_s"]:.2f} videos per CPU-second')
   print(f'  training iterator, 0 workers (per worker): {per_worker:.2f} videos/s')
   for count, rate in results['workers'].items():
     print(f'  training iterator, {count} worker processes: {rate:.2f} videos/s')

@@ -223,29 +223,44 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
 
 
 def _decode_by_seeking(container, stream, wanted_pts: np.ndarray, keyframe_pts: np.ndarray) -> dict[int, np.ndarray]:
-  """Decodes the frames whose pts are `wanted_pts` (sorted, unique) by seeking to the keyframe before each."""
+  """Decodes the frames whose pts are `wanted_pts` (sorted, unique), seeking to the keyframe before each.
+
+  Packets are fed to the decoder one by one; those of frames nobody wants are decoded with
+  skip_frame=NONREF, so non-reference frames (most B-frames) are not decoded at all. Skipping them cannot
+  change any other frame, and roughly halves the decoding work of a long GOP.
+  """
+  wanted = set(int(p) for p in wanted_pts)
+  codec = stream.codec_context
   out: dict[int, np.ndarray] = {}
-  frames = None
+  packets = None
   position = None  # pts of the last decoded frame
   for target in wanted_pts:
     target = int(target)
+    if target in out:
+      continue
     before = keyframe_pts[keyframe_pts <= target]
     key = int(before[-1]) if len(before) else int(keyframe_pts[0]) if len(keyframe_pts) else target
-    if frames is None or position is None or key > position:
+    if packets is None or position is None or key > position:
       container.seek(key, stream=stream, backward=True, any_frame=False)
-      frames = container.decode(stream)
+      packets = container.demux(stream)
       position = None
-    for frame in frames:
-      if frame.pts is None:
-        raise _SeekMismatch('a decoded frame has no pts')
-      position = frame.pts
-      if frame.pts == target:
-        out[target] = _to_rgb(frame)
+    for packet in packets:
+      flush = packet.size == 0
+      codec.skip_frame = 'DEFAULT' if flush or packet.pts in wanted else 'NONREF'
+      for frame in codec.decode(None if flush else packet):
+        if frame.pts is None:
+          raise _SeekMismatch('a decoded frame has no pts')
+        position = frame.pts
+        if frame.pts in wanted:
+          out[frame.pts] = _to_rgb(frame)
+        elif frame.pts > target and target not in out:
+          raise _SeekMismatch(f'decoder skipped pts {target}')
+      if target in out:
         break
-      if frame.pts > target:
-        raise _SeekMismatch(f'decoder skipped pts {target}')
     else:
-      raise _SeekMismatch(f'stream ended before pts {target}')
+      if target not in out:
+        raise _SeekMismatch(f'stream ended before pts {target}')
+  codec.skip_frame = 'DEFAULT'
   return out
 
 
