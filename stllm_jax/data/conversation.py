@@ -1,0 +1,159 @@
+r"""The InstructBLIP-Vicuna conversation template, tokenisation, labels and bucketed padding.
+
+The LLM sees (REFERENCE.md, "sequence"):
+
+    [V] </s> ###Human: {instruction} {question} ###Assistant: {answer} </s> [PAD]...
+         \_________________________ prompt ____________________/ \__ supervised __/
+
+`[V]` (the visual tokens) is not text: `input_ids` start at the `</s>` that follows it. `</s>` is BOS, EOS
+and UNK (id 2 in Vicuna); `[PAD]` is added as the last id (32000 for Vicuna) and padding is on the right.
+As in the original, the prompt and the answer are tokenised separately (`</s>` + prompt, then answer +
+`</s>`) and concatenated; `answer_mask` is 1 exactly on the answer tokens and the closing `</s>`.
+With an empty instruction the turn is `###Human: {question} ###Assistant: `.
+
+The Q-Former reads `{instruction} {question}` through the BERT tokenizer (with `[DEC]`), left-truncated to
+256 tokens (`[CLS]`/`[SEP]` kept), as LAVIS does.
+
+Text longer than the largest bucket loses tokens from the end of the answer side (counted in
+`EncodedText.truncated_tokens`); a prompt that leaves no room for one answer token is a `prompt_too_long`
+skip. Visual tokens are never touched here.
+
+Tokenizers load from local directories only (`AutoTokenizer.from_pretrained(dir, local_files_only=True)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Sequence
+
+import numpy as np
+import transformers
+
+from stllm_jax.data.errors import DataError, SampleError
+
+EOS_TOKEN = '</s>'
+PAD_TOKEN = '[PAD]'
+DEC_TOKEN = '[DEC]'
+HUMAN = '###Human: '
+ASSISTANT = '###Assistant: '
+QFORMER_MAX_LENGTH = 256
+
+
+# ----------------------------------------------------------------------------------------- strings
+
+
+def human_turn(instruction: str, question: str) -> str:
+  """The prompt text after `</s>`: '###Human: {instruction} {question} ###Assistant: '."""
+  instruction = instruction.strip() if instruction else ''
+  lead = f'{instruction} ' if instruction else ''
+  return f'{HUMAN}{lead}{question} {ASSISTANT}'
+
+
+def qformer_text(instruction: str, question: str) -> str:
+  """What the Q-Former reads: the instruction and the question."""
+  instruction = instruction.strip() if instruction else ''
+  return f'{instruction} {question}' if instruction else question
+
+
+# ----------------------------------------------------------------------------------------- tokenizers
+
+
+def _load(directory: str, what: str, field: str, **kwargs):
+  if not directory or not os.path.isdir(directory):
+    raise DataError(f'data.{field}={directory!r} is not a directory. Point it at a local Hugging Face '
+                    f'{what} tokenizer directory (tokenizer.json or tokenizer.model + tokenizer_config.json); '
+                    'the synthetic set writes one under DIR/tokenizers/.')
+  try:
+    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+  except (OSError, ValueError) as e:
+    raise DataError(f'data.{field}={directory!r}: cannot load a {what} tokenizer from it: {e}') from e
+
+
+@functools.cache
+def load_llm_tokenizer(directory: str):
+  """The LLaMA/Vicuna tokenizer with ST-LLM's specials: `</s>` as BOS/EOS/UNK, `[PAD]` added if absent."""
+  tok = _load(directory, 'LLaMA/Vicuna', 'llm_tokenizer')
+  if EOS_TOKEN not in tok.get_vocab():
+    raise DataError(f'data.llm_tokenizer={directory!r} has no {EOS_TOKEN!r} token; it is not a LLaMA tokenizer')
+  tok.add_special_tokens({'pad_token': PAD_TOKEN, 'bos_token': EOS_TOKEN, 'eos_token': EOS_TOKEN,
+                          'unk_token': EOS_TOKEN})
+  tok.padding_side = 'right'
+  return tok
+
+
+@functools.cache
+def load_qformer_tokenizer(directory: str):
+  """The BERT tokenizer of the Q-Former, with `[DEC]` (added if absent) and left truncation."""
+  tok = _load(directory, 'BERT (Q-Former)', 'qformer_tokenizer', truncation_side='left')
+  if DEC_TOKEN not in tok.get_vocab():
+    tok.add_special_tokens({'bos_token': DEC_TOKEN})
+  tok.truncation_side = 'left'
+  if tok.pad_token_id is None:
+    raise DataError(f'data.qformer_tokenizer={directory!r} has no pad token; it is not a BERT tokenizer')
+  return tok
+
+
+# ----------------------------------------------------------------------------------------- encoding
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedText:
+  input_ids: np.ndarray  # int32 [n]: </s> prompt answer </s>
+  answer_mask: np.ndarray  # int32 [n]: 1 on answer tokens and the closing </s>
+  truncated_tokens: int  # answer-side tokens dropped to fit max_length
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+  return tokenizer(text, add_special_tokens=False)['input_ids']
+
+
+def encode_prompt(tokenizer, prompt: str) -> np.ndarray:
+  """`</s>` + prompt tokens, for generation: int32 [n]."""
+  return np.asarray([tokenizer.convert_tokens_to_ids(EOS_TOKEN)] + _ids(tokenizer, prompt), np.int32)
+
+
+def encode_training_text(tokenizer, instruction: str, question: str, answer: str,
+                         max_length: int) -> EncodedText:
+  """Token ids and answer mask of one QA pair, at most `max_length` tokens (answer side cut first)."""
+  eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+  prompt = encode_prompt(tokenizer, human_turn(instruction, question))
+  target = np.asarray(_ids(tokenizer, answer) + [eos], np.int32)
+  room = max_length - len(prompt)
+  if room < 1:
+    raise SampleError('prompt_too_long', f'the prompt has {len(prompt)} tokens; the largest text bucket is '
+                      f'{max_length} (raise data.text_buckets)')
+  kept = target[:room]
+  input_ids = np.concatenate([prompt, kept])
+  answer_mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(kept), np.int32)])
+  return EncodedText(input_ids, answer_mask, len(target) - len(kept))
+
+
+def encode_qformer_text(tokenizer, text: str, max_length: int = QFORMER_MAX_LENGTH) -> tuple[np.ndarray, int]:
+  """BERT ids of the Q-Former text ([CLS] ... [SEP]), left-truncated: (int32 [n], tokens dropped)."""
+  full = tokenizer(text, truncation=False)['input_ids']
+  ids = tokenizer(text, truncation=True, max_length=max_length)['input_ids']
+  return np.asarray(ids, np.int32), len(full) - len(ids)
+
+
+# ----------------------------------------------------------------------------------------- padding
+
+
+def choose_bucket(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= length."""
+  for bucket in sorted(buckets):
+    if bucket >= length:
+      return bucket
+  raise ValueError(f'length {length} exceeds the largest bucket {max(buckets)}')
+
+
+def pad_batch(sequences: Sequence[np.ndarray], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads int sequences to the smallest bucket that fits them all: (ids, mask) int32 [B, L]."""
+  length = choose_bucket(max(len(s) for s in sequences), buckets)
+  ids = np.full((len(sequences), length), pad_id, np.int32)
+  mask = np.zeros((len(sequences), length), np.int32)
+  for row, seq in enumerate(sequences):
+    ids[row, :len(seq)] = seq
+    mask[row, :len(seq)] = 1
+  return ids, mask

@@ -1,0 +1,117 @@
+"""The prompt template, token ids and answer mask token by token, Q-Former text, truncation and padding."""
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+
+from stllm_jax.data import conversation
+from stllm_jax.data.errors import DataError, SampleError
+
+import data_helpers as helpers
+
+WORDS = ['###Human:', '###Assistant:', 'Watch', 'closely.', 'What', 'moves?', 'A', 'red', 'ball.']
+
+
+@pytest.fixture(scope='module')
+def word_tok(tmp_path_factory):
+  return conversation.load_llm_tokenizer(helpers.word_level_llm_tokenizer(str(tmp_path_factory.mktemp('w')), WORDS))
+
+
+@pytest.fixture(scope='module')
+def tiny_dirs(tmp_path_factory):
+  return helpers.make_tokenizers(str(tmp_path_factory.mktemp('tok')))
+
+
+def test_prompt_strings():
+  assert conversation.human_turn('Watch closely.', 'What moves?') == '###Human: Watch closely. What moves? ###Assistant: '
+  assert conversation.human_turn('', 'What moves?') == '###Human: What moves? ###Assistant: '
+  assert conversation.qformer_text('Watch closely.', 'What moves?') == 'Watch closely. What moves?'
+  assert conversation.qformer_text('', 'What moves?') == 'What moves?'
+
+
+def test_known_sample_token_by_token(word_tok):
+  # ids: <unk>=0 <s>=1 </s>=2, then WORDS from 3, [PAD] = 12 (the last id)
+  assert word_tok.pad_token_id == 12 and len(word_tok) == 13
+  encoded = conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', 'A red ball.', 64)
+  tokens = word_tok.convert_ids_to_tokens(encoded.input_ids.tolist())
+  assert tokens == ['</s>', '###Human:', 'Watch', 'closely.', 'What', 'moves?', '###Assistant:',
+                    'A', 'red', 'ball.', '</s>']
+  np.testing.assert_array_equal(encoded.input_ids, [2, 3, 5, 6, 7, 8, 4, 9, 10, 11, 2])
+  np.testing.assert_array_equal(encoded.answer_mask, [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+  assert encoded.input_ids.dtype == np.int32 and encoded.answer_mask.dtype == np.int32
+  assert encoded.truncated_tokens == 0
+
+
+def test_prompt_and_answer_are_tokenised_separately(tiny_dirs):
+  tok = conversation.load_llm_tokenizer(tiny_dirs[0])
+  encoded = conversation.encode_training_text(tok, 'Describe the video.', 'What moves?', 'A red ball.', 128)
+  prompt = tok('###Human: Describe the video. What moves? ###Assistant: ', add_special_tokens=False)['input_ids']
+  answer = tok('A red ball.', add_special_tokens=False)['input_ids']
+  eos = tok.convert_tokens_to_ids('</s>')
+  assert encoded.input_ids.tolist() == [eos] + prompt + answer + [eos]
+  assert encoded.answer_mask.tolist() == [0] * (1 + len(prompt)) + [1] * (len(answer) + 1)
+  assert tok.decode(encoded.input_ids[encoded.answer_mask == 1]) == 'A red ball.</s>'
+  assert tok.pad_token_id == len(tok) - 1  # [PAD] is the last id
+
+
+def test_encode_prompt_for_generation(word_tok):
+  ids = conversation.encode_prompt(word_tok, conversation.human_turn('', 'What moves?'))
+  np.testing.assert_array_equal(ids, [2, 3, 7, 8, 4])
+
+
+def test_truncation_cuts_the_answer_side_and_counts(word_tok):
+  encoded = conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', 'A red ball.', 9)
+  np.testing.assert_array_equal(encoded.input_ids, [2, 3, 5, 6, 7, 8, 4, 9, 10])  # 'ball.' and '</s>' dropped
+  np.testing.assert_array_equal(encoded.answer_mask, [0, 0, 0, 0, 0, 0, 0, 1, 1])
+  assert encoded.truncated_tokens == 2
+  with pytest.raises(SampleError) as e:
+    conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', 'A red ball.', 7)
+  assert e.value.reason == 'prompt_too_long'
+
+
+def test_qformer_tokens_with_dec_and_left_truncation(tiny_dirs):
+  tok = conversation.load_qformer_tokenizer(tiny_dirs[1])
+  assert tok.convert_tokens_to_ids('[DEC]') == len(tok) - 1
+  ids, dropped = conversation.encode_qformer_text(tok, 'Describe the video. What moves?')
+  tokens = tok.convert_ids_to_tokens(ids.tolist())
+  assert tokens[0] == '[CLS]' and tokens[-1] == '[SEP]' and dropped == 0
+  assert tok.decode(ids, skip_special_tokens=True) == 'describe the video. what moves?'
+  short, dropped = conversation.encode_qformer_text(tok, 'Describe the video. What moves?', max_length=5)
+  assert tok.convert_ids_to_tokens(short.tolist())[0] == '[CLS]' and len(short) == 5
+  assert short.tolist()[1:] == ids.tolist()[-4:]  # the end of the text is kept
+  assert dropped == len(ids) - 5
+
+
+def test_tokenizers_load_from_local_directories_only(tmp_path, tiny_dirs):
+  auto = transformers.AutoTokenizer.from_pretrained(tiny_dirs[0], local_files_only=True)
+  assert auto.convert_tokens_to_ids('[PAD]') == len(auto) - 1
+  with pytest.raises(DataError, match='not a directory'):
+    conversation.load_llm_tokenizer(str(tmp_path / 'nowhere'))
+  with pytest.raises(DataError, match='not a directory'):
+    conversation.load_qformer_tokenizer('')
+  (tmp_path / 'junk').mkdir()
+  (tmp_path / 'junk' / 'tokenizer_config.json').write_text(json.dumps({'tokenizer_class': 'NoSuchTokenizer'}))
+  with pytest.raises(DataError, match='cannot load'):
+    conversation.load_llm_tokenizer(str(tmp_path / 'junk'))
+
+
+def test_pad_is_added_when_the_directory_lacks_it(tmp_path):
+  directory = helpers.word_level_llm_tokenizer(str(tmp_path / 'nopad'), WORDS, with_pad=False)
+  assert '[PAD]' not in transformers.AutoTokenizer.from_pretrained(directory).get_vocab()
+  tok = conversation.load_llm_tokenizer(directory)
+  assert tok.pad_token_id == 12 == len(tok) - 1  # as Vicuna's 32000
+  assert tok.eos_token_id == tok.bos_token_id == 2
+
+
+def test_buckets_and_right_padding():
+  assert conversation.choose_bucket(1, (32, 64)) == 32
+  assert conversation.choose_bucket(32, (64, 32)) == 32
+  assert conversation.choose_bucket(33, (32, 64)) == 64
+  with pytest.raises(ValueError, match='exceeds the largest bucket'):
+    conversation.choose_bucket(65, (32, 64))
+  ids, mask = conversation.pad_batch([np.array([5, 6, 7]), np.array([8])], (2, 4, 8), pad_id=99)
+  np.testing.assert_array_equal(ids, [[5, 6, 7, 99], [8, 99, 99, 99]])
+  np.testing.assert_array_equal(mask, [[1, 1, 1, 0], [1, 0, 0, 0]])
+  assert ids.dtype == mask.dtype == np.int32

@@ -1,0 +1,181 @@
+"""Frame-index sampling against hand-computed cases, exact-frame decoding, and bad media."""
+
+import os
+
+import numpy as np
+import pytest
+
+from stllm_jax.data import video
+from stllm_jax.data.errors import SampleError
+
+import data_helpers as helpers
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+
+def test_segment_bounds_hand_computed():
+  np.testing.assert_array_equal(video.segment_bounds(10, 4), [0, 2, 5, 7, 10])
+  np.testing.assert_array_equal(video.segment_bounds(16, 16), np.arange(17))
+
+
+@pytest.mark.parametrize('n, t, expected', [
+    (10, 4, [0, 3, 5, 8]),  # segments [0,2) [2,5) [5,7) [7,10): middles (a + b - 1) // 2
+    (100, 4, [12, 37, 62, 87]),
+    (16, 16, list(range(16))),
+    (33, 1, [16]),
+])
+def test_middle_indices_hand_computed(n, t, expected):
+  indices, num_real = video.sample_indices(n, t, 'middle')
+  np.testing.assert_array_equal(indices, expected)
+  assert num_real == t
+
+
+def test_short_video_repeats_last_frame():
+  indices, num_real = video.sample_indices(3, 5, 'middle')
+  np.testing.assert_array_equal(indices, [0, 1, 2, 2, 2])
+  assert num_real == 3
+  indices, num_real = video.sample_indices(3, 5, 'rand', np.random.default_rng(0))
+  np.testing.assert_array_equal(indices, [0, 1, 2, 2, 2])
+  assert num_real == 3
+
+
+def test_rand_takes_one_frame_per_segment_and_reaches_all():
+  seen = [set() for _ in range(4)]
+  for seed in range(200):
+    indices, _ = video.sample_indices(10, 4, 'rand', np.random.default_rng(seed))
+    for k, (lo, hi) in enumerate([(0, 2), (2, 5), (5, 7), (7, 10)]):
+      assert lo <= indices[k] < hi
+      seen[k].add(int(indices[k]))
+  assert seen == [{0, 1}, {2, 3, 4}, {5, 6}, {7, 8, 9}]  # every frame of every segment is reachable
+  a, _ = video.sample_indices(1000, 16, 'rand', np.random.default_rng(7))
+  b, _ = video.sample_indices(1000, 16, 'rand', np.random.default_rng(7))
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('seconds, expected', [(0.5, 4), (3.99, 4), (4.0, 4), (10.7, 10), (16.0, 16), (600, 16)])
+def test_fps_frame_count(seconds, expected):
+  assert video.fps_frame_count(seconds) == expected
+
+
+def test_bad_sampling_arguments():
+  with pytest.raises(ValueError, match='unknown sampling mode'):
+    video.sample_indices(10, 4, 'uniform')
+  with pytest.raises(ValueError, match='needs an np.random.Generator'):
+    video.sample_indices(10, 4, 'rand')
+
+
+def test_clip_range_hand_computed():
+  times = np.arange(40) / 10.0  # 10 fps
+  assert video.clip_range(times) == (0, 40)
+  assert video.clip_range(times, 1.0, 2.05) == (10, 21)  # frames shown during [1.0, 2.05) s
+  assert video.clip_range(times, None, 0.5) == (0, 5)
+  with pytest.raises(SampleError) as e:
+    video.clip_range(times, 5.0, 6.0)
+  assert e.value.reason == 'empty_clip'
+
+
+# ----------------------------------------------------------------------------------------- decoding
+
+
+@pytest.fixture(scope='module')
+def videos(tmp_path_factory):
+  """The same 40 pattern frames in every container MVBench uses, plus a frame folder."""
+  root = tmp_path_factory.mktemp('videos')
+  frames = helpers.pattern_frames(40)
+  paths = {
+      'mp4': helpers.write_video(str(root / 'v.mp4'), frames, options={'g': '12'}),  # B-frames, 4 GOPs
+      'mp4_one_gop': helpers.write_video(str(root / 'long_gop.mp4'), frames),
+      'webm': helpers.write_video(str(root / 'v.webm'), frames, codec='libvpx-vp9', options={'g': '10'}),
+      'mkv': helpers.write_video(str(root / 'v.mkv'), frames, options={'g': '8'}),
+      'avi': helpers.write_video(str(root / 'v.avi'), frames, codec='mpeg4', options={'g': '10'}),
+      'gif': helpers.write_video(str(root / 'v.gif'), frames, codec='gif'),
+      'folder': helpers.write_frame_folder(str(root / 'frames'), frames),
+  }
+  return paths, frames
+
+
+@pytest.mark.parametrize('kind', ['mp4', 'mp4_one_gop', 'webm', 'mkv', 'avi', 'gif'])
+def test_seeking_decode_equals_sequential_decode(videos, kind):
+  path = videos[0][kind]
+  reference = helpers.decode_all(path)  # uint8 [40, 48, 64, 3]
+  media = video.probe(path)
+  assert media.num_frames == len(reference) == 40
+  assert media.fps == pytest.approx(10.0)
+  rng = np.random.default_rng(0)
+  for indices in ([0], [39], [5, 5, 6], [0, 12, 13, 24, 35, 39], [30, 2, 17],
+                  np.sort(rng.choice(40, 9, replace=False))):
+    for threads in (1, 2):  # FFmpeg frame threading must not change which frames come out
+      got = video.read_frames(media, indices, threads=threads)
+      assert got.dtype == np.uint8 and got.shape == (len(indices), 48, 64, 3)
+      np.testing.assert_array_equal(got, reference[np.asarray(indices)])
+
+
+def test_frame_folder_reads_exact_frames(videos):
+  path, frames = videos[0]['folder'], videos[1]
+  media = video.probe(path, folder_fps=3.0)
+  assert media.kind == 'folder' and media.num_frames == 40 and media.fps == 3.0
+  np.testing.assert_array_equal(video.read_frames(media, [0, 7, 39]), frames[[0, 7, 39]])
+
+
+def test_load_clip_middle_fps_and_start_end(videos):
+  path = videos[0]['mp4']
+  reference = helpers.decode_all(path)
+  clip = video.load_clip(path, 4, 'middle')
+  np.testing.assert_array_equal(clip.indices, [4, 14, 24, 34])
+  np.testing.assert_array_equal(clip.frames, reference[[4, 14, 24, 34]])
+  # 40 frames at 10 fps = 4 s -> 4 frames; [1 s, 3 s) = frames 10..29 = 2 s -> still 4 (the minimum)
+  np.testing.assert_array_equal(video.load_clip(path, None, 'fps').indices, [4, 14, 24, 34])
+  clip = video.load_clip(path, None, 'fps', start=1.0, end=3.0)
+  np.testing.assert_array_equal(clip.indices, [12, 17, 22, 27])
+  assert clip.duration_s == pytest.approx(2.0)
+  np.testing.assert_array_equal(video.load_clip(path, None, 'fps', fps_range=(1, 2)).indices, [9, 29])
+  clip = video.load_clip(path, 3, 'rand', rng=np.random.default_rng(1), start=2.0)
+  assert all(lo <= i < hi for i, (lo, hi) in zip(clip.indices, [(20, 26), (26, 33), (33, 40)]))
+  np.testing.assert_array_equal(clip.frames, reference[clip.indices])
+
+
+def test_short_video_is_padded_and_says_so(tmp_path):
+  frames = helpers.pattern_frames(5)
+  path = helpers.write_video(str(tmp_path / 'short.mp4'), frames)
+  clip = video.load_clip(path, 8, 'rand', rng=np.random.default_rng(0))
+  np.testing.assert_array_equal(clip.indices, [0, 1, 2, 3, 4, 4, 4, 4])
+  assert clip.num_real_frames == 5
+  np.testing.assert_array_equal(clip.frames, helpers.decode_all(path)[[0, 1, 2, 3, 4, 4, 4, 4]])
+
+
+# ----------------------------------------------------------------------------------------- bad media
+
+
+@pytest.fixture(scope='module')
+def broken(tmp_path_factory):
+  root = tmp_path_factory.mktemp('broken')
+  return str(root), helpers.write_broken_media(str(root))
+
+
+def test_every_bad_media_file_raises_its_reason(broken):
+  root, cases = broken
+  for expected, name in cases.items():
+    with pytest.raises(SampleError) as e:
+      video.load_clip(os.path.join(root, name), 8, 'middle', min_frames=2)
+    assert e.value.reason == expected.replace('_truncated', ''), (name, e.value)
+    assert name in e.value.message
+
+
+def test_empty_frame_folder(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(SampleError) as e:
+    video.probe(str(tmp_path / 'empty'))
+  assert e.value.reason == 'empty_file'
+
+
+def test_one_frame_video_loads_when_allowed(broken):
+  root, cases = broken
+  clip = video.load_clip(os.path.join(root, cases['too_few_frames']), 4, 'middle', min_frames=1)
+  np.testing.assert_array_equal(clip.indices, [0, 0, 0, 0])
+  assert clip.num_real_frames == 1
+
+
+def test_sample_error_reasons_are_checked():
+  with pytest.raises(ValueError, match='unknown skip reason'):
+    SampleError('no_such_reason', 'x')
