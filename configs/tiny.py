@@ -19,5 +19,5 @@ def get_config() -> ml_collections.ConfigDict:
   model.mvm_head = True
   config.train.update(steps=30, batch_size=8, grad_accum_steps=2, lr=1e-3, log_every=5, checkpoint_every=10)
   config.train.masking.keep_buckets = (0.4, 0.55, 0.7)  # few buckets: few compiled programs
-  config.data.update(num_frames=4, text_buckets=(16, 24), qformer_text_len=8, num_samples=240)
+  config.data = defaults.random_data(num_frames=4, text_buckets=(16, 24), qformer_text_len=8, num_samples=240)
   return config

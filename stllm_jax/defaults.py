@@ -3,6 +3,7 @@
 import ml_collections
 
 from stllm_jax import configlib
+from stllm_jax.data import pipeline
 from stllm_jax.data.random_batches import RandomDataConfig
 from stllm_jax.models import stllm
 from stllm_jax.step import TrainConfig
@@ -18,7 +19,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = 'fsdp=-1'  # e.g. 'data=2,fsdp=4' or 'fsdp=8,tensor=2'; -1 = the remaining devices
   config.model = stllm.default_config()
   config.train = configlib.to_config_dict(TrainConfig())
-  config.data = configlib.to_config_dict(RandomDataConfig())
+  config.data = pipeline.default_config()  # VideoChat2-format datasets; see random_data() for smoke runs
   # Initial weights: a directory written by `python -m stllm_jax.convert`; '' = random initialisation.
   config.init = ml_collections.ConfigDict({'checkpoint': '', 'new_params': NEW_PARAMS})
   return config
+
+
+def random_data(**overrides) -> ml_collections.ConfigDict:
+  """`config.data` for random batches of the right shapes (smoke runs, benchmarks): no files needed."""
+  data = configlib.to_config_dict(RandomDataConfig())
+  data.update(overrides)
+  return data

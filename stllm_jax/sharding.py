@@ -67,15 +67,20 @@ def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int | None = N
   for axis, v in sizes.items():
     if v == -1:
       sizes[axis] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f'mesh {sizes} needs {math.prod(sizes.values())} devices, but {num_devices} are available')
+  needed = math.prod(sizes.values())
+  if needed > num_devices or (needed < num_devices and jax.process_count() > 1):
+    raise ValueError(f'mesh {sizes} needs {needed} devices, but {num_devices} are available')
   return sizes
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (what linen's logical constraints need)."""
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (what linen's logical constraints need).
+
+  A single-process mesh may use fewer than all devices (the first ones), e.g. 'fsdp=1' for a debug run.
+  """
   devices = list(devices) if devices is not None else jax.devices()
   sizes = parse_mesh(spec, len(devices))
+  devices = devices[:math.prod(sizes.values())]
   return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 

@@ -10,13 +10,14 @@ command resumes from the latest one. SIGTERM saves a checkpoint and exits (statu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -27,6 +28,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from stllm_jax import checkpoints, masking, sharding, step
+from stllm_jax.data import pipeline
+from stllm_jax.data.errors import DataError
 from stllm_jax.data.random_batches import RandomBatches
 from stllm_jax.errors import UserError, exit_with
 from stllm_jax.metrics import MetricsWriter
@@ -52,7 +55,7 @@ def main(argv):
       FLAGS['config'])))[0])
   try:
     train(FLAGS.config, workdir)
-  except UserError as error:
+  except (UserError, DataError) as error:
     exit_with(error)
 
 
@@ -71,7 +74,7 @@ def train(config: Any, workdir: str) -> dict:
   preflight(config)
   mesh = sharding.make_mesh(config.mesh)
   data = make_data(config, model_cfg, train_cfg)
-  total_steps = train_cfg.steps or math.ceil(train_cfg.epochs * data.num_samples / train_cfg.batch_size)
+  total_steps = train_cfg.steps or math.ceil(train_cfg.epochs * data.batches_per_epoch)
   log = _logger()
   log(f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}; '
       f'{total_steps} steps of {train_cfg.batch_size} samples ({train_cfg.grad_accum_steps} micro-batches)')
@@ -115,48 +118,50 @@ def train(config: Any, workdir: str) -> dict:
     run.save(at_step, state, {'data': data.get_state(), 'frozen_checksums': frozen_sums,
                               'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config)})
 
-  window, last = [], {}
-  nonfinite_in_a_row = 0
-  window_start = time.perf_counter()
   progress = tqdm(total=total_steps, initial=start, desc='train', unit='step', disable=jax.process_index() != 0,
                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
-  with sharding.activate(mesh):
-    for current in range(start, total_steps):
-      if kill_at and current + 1 == kill_at:
-        run.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-      host_batch = next(data)
-      num_visual = model_cfg.num_visual_tokens(host_batch['frames'].shape[1])
-      rho, n_keep = masking.step_mask_plan(current, config.seed, num_visual, train_cfg.masking)
-      batch = sharding.shard_batch({k: host_batch[k] for k in step.MODEL_BATCH_KEYS}, mesh)
-      state, metrics = train_step(state, frozen, batch, n_keep=n_keep)
-      tokens = host_batch['frames'].shape[0] * (n_keep + host_batch['input_ids'].shape[1]) * jax.process_count()
-      window.append((metrics, rho, n_keep, tokens, host_batch['frames'].shape[0] * host_batch['frames'].shape[1]))
-      progress.update(1)
-      done = current + 1
-      if done % train_cfg.log_every == 0 or done == total_steps or stop['signal']:
-        last = _summarise(window, time.perf_counter() - window_start, jax.process_count())
-        last.update(compiled_steps=step.compiled_programs(train_step), skipped=data.skip_counts())
-        nonfinite_in_a_row = _count_nonfinite(window, nonfinite_in_a_row)
-        writer.write(done, {k: v for k, v in last.items() if k != 'skipped'})
-        progress.set_postfix(loss=f'{last["loss"]:.4f}', lr=f'{last["lr"]:.2e}', keep=last['kept_tokens'])
-        window, window_start = [], time.perf_counter()
-        if nonfinite_in_a_row >= train_cfg.max_nonfinite_in_a_row:
-          progress.close()
-          raise UserError(f'{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step '
-                          f'{done}); their updates were skipped. Lower train.lr, enable train.grad_clip_norm, or '
-                          f'check the data. The last good checkpoint is in {run.directory}')
-      if done % train_cfg.checkpoint_every == 0 or done == total_steps or stop['signal']:
-        save(done)
-      if stop['signal']:
-        run.wait()
-        progress.close()
-        log(f'stopped by signal {stop["signal"]} after step {done}; checkpoint saved, rerun the same command to resume')
-        sys.exit(128 + stop['signal'])
-  progress.close()
-  run.wait()
-  run.close()
-  writer.close()
+  window, last, nonfinite_in_a_row = [], {}, 0
+  window_start = time.perf_counter()
+  try:
+    with sharding.activate(mesh):
+      for current in range(start, total_steps):
+        if kill_at and current + 1 == kill_at:
+          run.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
+        host_batch = next(data)
+        num_visual = model_cfg.num_visual_tokens(host_batch['frames'].shape[1])
+        rho, n_keep = masking.step_mask_plan(current, config.seed, num_visual, train_cfg.masking)
+        batch = sharding.shard_batch({k: host_batch[k] for k in step.MODEL_BATCH_KEYS}, mesh)
+        state, metrics = train_step(state, frozen, batch, n_keep=n_keep)
+        window.append(_StepRecord(metrics, rho, n_keep, *host_batch['frames'].shape[:2],
+                                  host_batch['input_ids'].shape[1]))
+        progress.update(1)
+        done = current + 1
+        if done % train_cfg.log_every == 0 or done == total_steps or stop['signal']:
+          last = _summarise(window, time.perf_counter() - window_start, jax.process_count())
+          last.update(compiled_steps=step.compiled_programs(train_step), **data.metrics())
+          writer.write(done, last)
+          progress.set_postfix(loss=f'{last["loss"]:.4f}', lr=f'{last["lr"]:.2e}', keep=last['kept_tokens'])
+          nonfinite_in_a_row = _count_nonfinite(window, nonfinite_in_a_row)
+          window, window_start = [], time.perf_counter()
+          if nonfinite_in_a_row >= train_cfg.max_nonfinite_in_a_row:
+            raise UserError(f'{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step '
+                            f'{done}); their updates were skipped. Lower train.lr, enable train.grad_clip_norm, or '
+                            f'check the data. The last good checkpoint is in {run.directory}')
+        if done % train_cfg.checkpoint_every == 0 or done == total_steps or stop['signal']:
+          save(done)
+        if stop['signal']:
+          break
+  finally:  # a pending checkpoint is always completed, whatever stopped the loop
+    progress.close()
+    run.wait()
+    run.close()
+    writer.close()
+    if hasattr(data, 'close'):
+      data.close()
+  if stop['signal']:
+    log(f'stopped by signal {stop["signal"]} after step {done}; checkpoint saved, rerun the same command to resume')
+    sys.exit(128 + stop['signal'])
   log(f'done: {total_steps} steps; last loss {last.get("loss", float("nan")):.4f}; '
       f'{last.get("compiled_steps", 0)} compiled train-step programs; workdir {workdir}')
   return last
@@ -183,19 +188,47 @@ def preflight(config: Any) -> None:
                     f'    python -m stllm_jax.convert lavis --vit eva_vit_g.pth '
                     f'--instructblip instruct_blip_vicuna7b_trimmed.pth --llm vicuna-7b-v1.1/ --out {init}\n'
                     f'  (README "Weights"), or set --config.init.checkpoint="" to start from random weights')
-  if config.data.source != 'random':
+  if not uses_random_data(config):
     problems.extend(data_problems(config.data))
   if problems:
     raise UserError('cannot start training:\n  - ' + '\n  - '.join(problems))
 
 
+def uses_random_data(config: Any) -> bool:
+  return config.data.get('source') == 'random'
+
+
 def data_problems(data_config: Any) -> list[str]:
-  raise UserError(f'data.source={data_config.source!r} is not available yet; use data.source="random"')
+  """Missing annotation files, media roots and tokenizer directories of `config.data`."""
+  try:
+    cfg = pipeline.parse_config(data_config)
+  except (DataError, ValueError, TypeError) as err:
+    return [str(err)]
+  problems = []
+  for spec in cfg.datasets:
+    for what, path, is_there in (('annotation', spec.annotation, os.path.isfile),
+                                 ('media_root', spec.media_root, os.path.isdir)):
+      if not is_there(path):
+        problems.append(f'data.datasets.{spec.name}.{what} {path!r} not found')
+  for what in ('llm_tokenizer', 'qformer_tokenizer'):
+    path = getattr(cfg, what)
+    if not path or not os.path.isdir(path):
+      problems.append(f'data.{what} {path!r} is not a tokenizer directory')
+  if problems:
+    problems.append('see README "Data" for the VideoChat2 instruction data layout and where tokenizers come from '
+                    '(`python -m stllm_jax.convert` copies them next to the converted weights)')
+  return problems
 
 
 def make_data(config: Any, model_cfg: Any, train_cfg: Any):
   """The training batch iterator for this host: numpy batches of batch_size / process_count samples."""
-  return RandomBatches(config.data, model_cfg, train_cfg.batch_size, jax.process_index(), jax.process_count())
+  if uses_random_data(config):
+    return RandomBatches(config.data, model_cfg, train_cfg.batch_size, jax.process_index(), jax.process_count())
+  if train_cfg.batch_size % jax.process_count():
+    raise UserError(f'train.batch_size={train_cfg.batch_size} is not a multiple of the {jax.process_count()} hosts')
+  cfg = dataclasses.replace(pipeline.parse_config(config.data), batch_size=train_cfg.batch_size // jax.process_count(),
+                            image_size=model_cfg.vision.image_size)
+  return pipeline.TrainIterator(cfg, jax.process_index(), jax.process_count())
 
 
 def initial_params(config: Any, model_cfg: Any, abstract: Any, shardings: Any, log) -> Any:
@@ -245,21 +278,30 @@ def _all_finite(tree: Any):
   return jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(t)])))(tree)
 
 
-def _summarise(window, seconds: float, process_count: int) -> dict:
-  """Averages of the window's device metrics (one transfer), plus rates."""
-  device_metrics = jax.device_get([m for m, *_ in window])
+class _StepRecord(NamedTuple):
+  metrics: dict  # device arrays, fetched once per logging window
+  mask_rate: float
+  kept_tokens: int
+  local_batch: int
+  num_frames: int
+  text_len: int
+
+
+def _summarise(window: list[_StepRecord], seconds: float, process_count: int) -> dict:
+  """Averages of the window's device metrics (one transfer), plus rates over all hosts."""
+  device_metrics = jax.device_get([r.metrics for r in window])
   mean = lambda key: float(np.mean([m[key] for m in device_metrics]))
-  steps = len(window)
+  tokens = sum(r.local_batch * (r.kept_tokens + r.text_len) for r in window) * process_count
+  frames = sum(r.local_batch * r.num_frames for r in window) * process_count
   return {'loss': mean('loss'), 'lm_loss': mean('lm_loss'), 'mvm_loss': mean('mvm_loss'),
           'grad_norm': mean('grad_norm'), 'lr': float(device_metrics[-1]['lr']),
-          'mask_rate': float(np.mean([r for _, r, *_ in window])), 'kept_tokens': int(window[-1][2]),
+          'mask_rate': float(np.mean([r.mask_rate for r in window])), 'kept_tokens': window[-1].kept_tokens,
           'nonfinite_steps': int(sum(not bool(m['finite']) for m in device_metrics)),
-          'step_time_s': seconds / steps, 'tokens_per_s': sum(t for *_, t, _ in window) / seconds,
-          'frames_per_s': sum(f for *_, f in window) * process_count / seconds}
+          'step_time_s': seconds / len(window), 'tokens_per_s': tokens / seconds, 'frames_per_s': frames / seconds}
 
 
-def _count_nonfinite(window, in_a_row: int) -> int:
-  for finite in jax.device_get([m['finite'] for m, *_ in window]):
+def _count_nonfinite(window: list[_StepRecord], in_a_row: int) -> int:
+  for finite in jax.device_get([r.metrics['finite'] for r in window]):
     in_a_row = 0 if finite else in_a_row + 1
   return in_a_row
 

@@ -6,7 +6,11 @@ single-device code runs on the first of them.
 
 import os
 
+import tempfile  # noqa: E402
+
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# One compilation cache for the session and the subprocesses it starts: a program compiles once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='stllm_jax_test_xla_'))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
@@ -19,6 +23,8 @@ import transformers  # noqa: E402
 from stllm_jax.convert import hf  # noqa: E402
 from stllm_jax.models import stllm  # noqa: E402
 
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 torch.set_num_threads(2)
 transformers.logging.set_verbosity_error()
 

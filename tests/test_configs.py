@@ -5,16 +5,22 @@ import os
 
 import pytest
 
-from stllm_jax import configlib
+from stllm_jax import configlib, step, train
+from stllm_jax.data import pipeline
 from stllm_jax.models import stllm
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs', '*.py')))
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
-def test_config_builds_and_validates(path):
+def test_config_builds_validates_and_says_how_to_run_it(path):
   config = configlib.load_config_file(path)
   stllm.model_config(config.model)
+  step.train_config(config.train)
+  if not train.uses_random_data(config):
+    pipeline.parse_config(config.data)
+  module_doc = open(path).read().split('"""')[1]
+  assert f'python -m stllm_jax.train --config configs/{os.path.basename(path)}' in module_doc
 
 
 def test_tiny_config_has_the_7b_structure():

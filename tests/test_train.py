@@ -21,10 +21,9 @@ FAST = ['--config.train.steps=6', '--config.train.checkpoint_every=3', '--config
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """8 CPU devices and a compilation cache shared by this module's subprocesses."""
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')), PYTHONPATH=ROOT)
+def env():
+  """8 CPU devices and the session's compilation cache (see conftest) for the subprocesses."""
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
 
 
 def run_train(workdir, env, *extra, kill_at=0):
@@ -83,7 +82,7 @@ class NaNBatches:
   """Wraps a data iterator: every batch's frames are NaN."""
 
   def __init__(self, inner):
-    self.inner, self.num_samples = inner, inner.num_samples
+    self.inner = inner
 
   def __next__(self):
     batch = next(self.inner)
@@ -95,6 +94,7 @@ class NaNBatches:
 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, tiny_config, monkeypatch):
   config = tiny_config()
+  config.mesh = 'fsdp=1'
   config.train.update(steps=8, log_every=1, checkpoint_every=2, max_nonfinite_in_a_row=3)
   config.train.masking.keep_buckets = (0.7,)
   config.train.masking.low = 0.3
@@ -115,6 +115,7 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, tiny_config,
 
 def test_initial_weights_load_strictly_and_new_parts_are_listed(tmp_path, tiny_config, tiny_params, capsys):
   config = tiny_config()
+  config.mesh = 'fsdp=1'
   no_head = {k: v for k, v in tiny_params.items() if not k.startswith('mvm_')}
   model = config.model.to_dict()
   checkpoints.save_weights(str(tmp_path / 'weights'), no_head, model)

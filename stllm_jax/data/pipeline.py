@@ -81,12 +81,12 @@ class DataConfig:
   datasets: tuple = ()  # name -> dataset_entry(...) (a mapping; a list of entries with a "name" works too)
   llm_tokenizer: str = ''  # local directory of the LLaMA/Vicuna tokenizer
   qformer_tokenizer: str = ''  # local directory of the BERT tokenizer of the Q-Former
-  image_size: int = 224
+  image_size: int = 224  # train.py sets it to model.vision.image_size
   crop_scale: tuple = transforms.DEFAULT_SCALE  # RandomResizedCrop area range
   text_buckets: tuple = (64, 128, 256, 512, 1024)  # LLM text lengths (after the visual tokens)
   qformer_buckets: tuple = (32, 64, 128, 256)  # Q-Former text lengths
   qformer_max_length: int = conversation.QFORMER_MAX_LENGTH  # left truncation of the Q-Former text
-  batch_size: int = 128  # per host (the paper's global batch is 128)
+  batch_size: int = 128  # per host; train.py sets it to train.batch_size / number of hosts
   seed: int = 0
   mixing: str = 'by_size'  # 'by_size': batches per dataset ~ weight x rows (as the original); 'by_weight'
   num_workers: int = 8  # decoding processes per host; 0 decodes in the main process
@@ -348,6 +348,11 @@ class TrainIterator:
     self._next_batch = 0
     self._stats = new_stats([s.name for s in cfg.datasets])
     self._source = None
+
+  @property
+  def batches_per_epoch(self) -> int:
+    """Batches of one pass over the data (one schedule block)."""
+    return self.plan.block_size
 
   # -- iteration
 

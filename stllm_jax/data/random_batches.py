@@ -38,7 +38,7 @@ class RandomBatches:
       raise ValueError(f'batch size {batch_size} is not a multiple of the {process_count} processes')
     self.local_batch = batch_size // process_count
     self.process_index = process_index
-    self.num_samples = self.cfg.num_samples
+    self.batches_per_epoch = -(-self.cfg.num_samples // batch_size)
     self.step = 0
 
   def get_state(self) -> dict:
@@ -47,8 +47,8 @@ class RandomBatches:
   def set_state(self, state: dict) -> None:
     self.step = int(state['step'])
 
-  def skip_counts(self) -> dict[str, int]:
-    return {}
+  def metrics(self) -> dict[str, int]:
+    return {}  # nothing is ever skipped
 
   def __iter__(self):
     return self

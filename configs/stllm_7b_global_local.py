@@ -1,0 +1,22 @@
+"""ST-LLM 7B with global-local input, the conversation model (VideoChatGPT-Bench, zero-shot QA): 64 frames
+encoded, their mean V0 through f_m added to 16 local frames; masking + MVM over the local tokens.
+
+Run: python -m stllm_jax.train --config configs/stllm_7b_global_local.py --workdir runs/stllm_7b_global_local
+"""
+
+import os
+
+import ml_collections
+
+from stllm_jax import configlib
+
+
+def _base() -> ml_collections.ConfigDict:
+  return configlib.load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'stllm_7b.py'))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = _base()
+  config.model.update(video_input='global_local', num_local_frames=16, global_mlp_dim=1024)
+  config.data.datasets.videochat2.num_frames = 64
+  return config
