@@ -12,17 +12,26 @@ renames when complete, so a killed run never leaves a half-written step that loo
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from stllm_jax import sharding, step
+from stllm_jax.errors import UserError
+from stllm_jax.models import stllm
+
 MODEL_JSON = 'model.json'
 PARAMS_DIR = 'params'
+TOKENIZERS_DIR = 'tokenizers'
 
 
 # ---------------------------------------------------------------------------------------- model weights
@@ -118,3 +127,85 @@ def checksum_mismatches(expected: dict[str, list[float]], actual: dict[str, list
   paths = sorted(set(expected) | set(actual))
   return [p for p in paths if p not in expected or p not in actual
           or not np.allclose(expected[p], actual[p], rtol=rtol, atol=1e-6)]
+
+
+# ---------------------------------------------------------------------------------------- model assembly
+
+def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
+                   log: Callable[[str], None] = lambda message: None) -> Any:
+  """The params a run starts from, placed with `shardings`: random (seeded) or `config.init.checkpoint`
+  (strictly: every stored leaf used, every model leaf filled, except fresh `config.init.new_params`)."""
+  fresh = jax.jit(functools.partial(stllm.init_params, model_cfg), out_shardings=shardings)(
+      jax.random.key(config.seed))
+  path = config.init.checkpoint
+  if not path:
+    log(f'random initial weights (seed {config.seed})')
+    return fresh
+  stored = stored_param_shapes(path)
+  flat_fresh = flax.traverse_util.flatten_dict(fresh, sep='/')
+  expected = {k: tuple(v.shape) for k, v in flat_fresh.items()}
+  unknown = sorted(set(stored) - set(expected))
+  misshaped = sorted(f'{k} {list(stored[k])} vs model {list(expected[k])}'
+                     for k in set(stored) & set(expected) if stored[k] != expected[k])
+  absent = sorted(set(expected) - set(stored))
+  not_new = [k for k in absent if not step.is_frozen(k, tuple(config.init.new_params))]
+  if unknown or misshaped or not_new:
+    lines = [f'{path} does not fit config.model:']
+    for title, items in (('in the checkpoint, not in the model', unknown), ('mis-shaped', misshaped),
+                         ('in the model, not in the checkpoint (and not in init.new_params)', not_new)):
+      if items:
+        lines.append(f'  {title}: {len(items)}, e.g. ' + ', '.join(items[:5]))
+    raise UserError('\n'.join(lines))
+  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep='/')
+  target = flax.traverse_util.unflatten_dict(
+      {k: jax.ShapeDtypeStruct(flat_fresh[k].shape, flat_fresh[k].dtype, sharding=flat_shardings[k]) for k in stored},
+      sep='/')
+  loaded = flax.traverse_util.flatten_dict(load_weights(path, target), sep='/')
+  log(f'initial weights from {path}' + (f'; newly initialised: {", ".join(sorted({k.split("/")[0] for k in absent}))}'
+                                        if absent else ''))
+  return flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in flat_fresh.items()}, sep='/')
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  model_config: ml_collections.ConfigDict  # config.model
+  params: Any  # the full param tree, placed on the mesh
+  llm_tokenizer: str  # local tokenizer directories ('' if the source names none)
+  qformer_tokenizer: str
+  description: str  # what was loaded, for messages
+
+
+def load_model(path: str, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
+  """A model for inference from either a weights directory (`convert` output) or a training workdir (its
+  latest checkpoint; frozen parts come from the run's `init.checkpoint` or its seeded initialisation)."""
+  mesh = mesh or sharding.make_mesh('fsdp=1')
+  if is_weights_dir(path):
+    model = ml_collections.ConfigDict(read_model_config(path))
+    shardings = sharding.param_shardings(stllm.abstract_variables(model), mesh)
+    abstract = jax.tree_util.tree_map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                                      flax.linen.meta.unbox(stllm.abstract_variables(model))['params'], shardings)
+    tokenizers = os.path.join(path, TOKENIZERS_DIR)
+    tok = lambda name: os.path.join(tokenizers, name) if os.path.isdir(os.path.join(tokenizers, name)) else ''
+    return LoadedModel(model, load_weights(path, abstract), tok('llm'), tok('qformer'), f'weights {path}')
+  run_dir = os.path.join(path, 'checkpoints')
+  with ocp.CheckpointManager(os.path.abspath(run_dir), item_names=('state', 'extra')) as manager:
+    latest = manager.latest_step() if os.path.isdir(run_dir) else None
+    if latest is None:
+      raise UserError(f'{path} is neither a weights directory (with {MODEL_JSON} and {PARAMS_DIR}/) nor a training '
+                      f'workdir with a checkpoint (in {run_dir}/)')
+    extra = manager.restore(latest, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+  config = ml_collections.ConfigDict(extra['config'])
+  model_cfg = stllm.model_config(config.model)
+  shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
+  params = initial_params(config, model_cfg, shardings)
+  trainable, _ = step.split_params(params, tuple(config.train.frozen))
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainable)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(
+        os.path.join(os.path.abspath(run_dir), str(latest), 'state'),
+        args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args({'params': target})))
+  params = step.merge_params(restored['params'], step.split_params(params, tuple(config.train.frozen))[1])
+  data = config.get('data', {})
+  return LoadedModel(config.model, params, data.get('llm_tokenizer', ''), data.get('qformer_tokenizer', ''),
+                     f'step {latest} of the run in {path}')

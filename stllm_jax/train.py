@@ -82,7 +82,7 @@ def train(config: Any, workdir: str) -> dict:
   model = stllm.STLLM(model_cfg)
   abstract = stllm.abstract_variables(model_cfg)
   shardings = sharding.param_shardings(abstract, mesh)
-  params = initial_params(config, model_cfg, abstract, shardings, log)
+  params = checkpoints.initial_params(config, model_cfg, shardings, log)
   trainable, frozen = step.split_params(params, train_cfg.frozen)
   del params
   log(f'trainable {_count(trainable):,d} params, frozen {_count(frozen):,d}')
@@ -229,41 +229,6 @@ def make_data(config: Any, model_cfg: Any, train_cfg: Any):
   cfg = dataclasses.replace(pipeline.parse_config(config.data), batch_size=train_cfg.batch_size // jax.process_count(),
                             image_size=model_cfg.vision.image_size)
   return pipeline.TrainIterator(cfg, jax.process_index(), jax.process_count())
-
-
-def initial_params(config: Any, model_cfg: Any, abstract: Any, shardings: Any, log) -> Any:
-  """Params placed on the mesh: random (seeded) or the init checkpoint, plus fresh `init.new_params`."""
-
-  fresh = jax.jit(functools.partial(stllm.init_params, model_cfg), out_shardings=shardings)(
-      jax.random.key(config.seed))
-  path = config.init.checkpoint
-  if not path:
-    log('random initial weights (seed %d)' % config.seed)
-    return fresh
-  stored = checkpoints.stored_param_shapes(path)
-  flat_fresh = flax.traverse_util.flatten_dict(fresh, sep='/')
-  expected = {k: tuple(v.shape) for k, v in flat_fresh.items()}
-  unknown = sorted(set(stored) - set(expected))
-  misshaped = sorted(f'{k} {list(stored[k])} vs model {list(expected[k])}'
-                     for k in set(stored) & set(expected) if stored[k] != expected[k])
-  absent = sorted(set(expected) - set(stored))
-  not_new = [k for k in absent if not step.is_frozen(k, tuple(config.init.new_params))]
-  if unknown or misshaped or not_new:
-    lines = [f'{path} does not fit config.model:']
-    for title, items in (('in the checkpoint, not in the model', unknown), ('mis-shaped', misshaped),
-                         ('in the model, not in the checkpoint (and not in init.new_params)', not_new)):
-      if items:
-        lines.append(f'  {title}: {len(items)}, e.g. ' + ', '.join(items[:5]))
-    raise UserError('\n'.join(lines))
-  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep='/')
-  target = flax.traverse_util.unflatten_dict(
-      {k: jax.ShapeDtypeStruct(flat_fresh[k].shape, flat_fresh[k].dtype, sharding=flat_shardings[k]) for k in stored},
-      sep='/')
-  loaded = flax.traverse_util.flatten_dict(checkpoints.load_weights(path, target), sep='/')
-  log(f'initial weights from {path}' + (f'; newly initialised: {", ".join(sorted({k.split("/")[0] for k in absent}))}'
-                                        if absent else ''))
-  del abstract
-  return flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in flat_fresh.items()}, sep='/')
 
 
 def _logger():
