@@ -138,6 +138,7 @@ def train(config: Any, workdir: str) -> dict:
         progress.update(1)
         done = current + 1
         if done % train_cfg.log_every == 0 or done == total_steps or stop['signal']:
+          jax.block_until_ready(window[-1].metrics)  # the window's steps have run: time them
           last = _summarise(window, time.perf_counter() - window_start, jax.process_count())
           last.update(compiled_steps=step.compiled_programs(train_step), **data.metrics())
           writer.write(done, last)
