@@ -31,7 +31,7 @@ API
 from __future__ import annotations
 
 import dataclasses
-import functools
+import os
 import time
 from typing import Any, Sequence
 
@@ -378,14 +378,14 @@ class GenerationStats:
 class VideoGenerator:
   """An ST-LLM ready to answer: params on device, tokenizers, and compiled programs by shape."""
 
-  def __init__(self, model_config: Any, params: Any, llm_tokenizer, qformer_tokenizer,
-               qformer_buckets: Sequence[int] = (32, 64, 128, 256)):
-    self.config = stllm.model_config(model_config)
+  def __init__(self, model_config: Any, params: Any, llm_tokenizer, qformer_tokenizer):
+    self.config = cfg = stllm.model_config(model_config)
     self.params = params
     self.llm_tokenizer = llm_tokenizer
     self.qformer_tokenizer = qformer_tokenizer
-    self.qformer_buckets = tuple(qformer_buckets)
-    cfg = self.config
+    # Q-Former text: left-truncated to 256 tokens (LAVIS), or to the model's positions if fewer
+    longest = min(conversation.QFORMER_MAX_LENGTH, cfg.qformer.max_positions)
+    self.qformer_buckets = tuple(b for b in (32, 64, 128) if b < longest) + (longest,)
     self.llm = Llama(cfg.llm, layers.as_dtype(cfg.dtype), stllm.ATTENTION_IMPLS[cfg.attention_impl])
     self._compiled: dict[Any, Any] = {}
 
@@ -462,3 +462,44 @@ class VideoGenerator:
       results.append(Generation(conversation.answer_text(self.llm_tokenizer, generated, config.stop_strings),
                                 generated, prompt_lengths[row]))
     return results, stats
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_generator(checkpoint: str, llm_tokenizer: str = '', qformer_tokenizer: str = '') -> VideoGenerator:
+  """A VideoGenerator from a weights directory or a training workdir (see checkpoints.load_model); tokenizers
+  from the checkpoint unless given. Anything unusable raises UserError naming it."""
+  from stllm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from stllm_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
+  from stllm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(checkpoint):
+    raise UserError(f'checkpoint {checkpoint} does not exist (give a weights directory from `python -m '
+                    'stllm_jax.convert` or a training workdir)')
+  if not checkpoints.is_weights_dir(checkpoint) and not os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
+    raise UserError(f'checkpoint {checkpoint} is neither a weights directory (with {checkpoints.MODEL_JSON} and '
+                    f'{checkpoints.PARAMS_DIR}/) nor a training workdir (with checkpoints/)')
+  try:
+    loaded = checkpoints.load_model(checkpoint)
+  except UserError:
+    raise
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f'checkpoint {checkpoint} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0]}') from e
+  llm_dir = llm_tokenizer or loaded.llm_tokenizer
+  qformer_dir = qformer_tokenizer or loaded.qformer_tokenizer
+  for name, directory in (('--llm-tokenizer', llm_dir), ('--qformer-tokenizer', qformer_dir)):
+    if not directory:
+      raise UserError(f'checkpoint {checkpoint} names no tokenizer; give {name} DIR (a local Hugging Face tokenizer '
+                      'directory)')
+  try:
+    llm_tok = conversation.load_llm_tokenizer(llm_dir)
+    qformer_tok = conversation.load_qformer_tokenizer(qformer_dir)
+  except DataError as e:
+    raise UserError(str(e)) from e
+  model_cfg = stllm.model_config(loaded.model_config)
+  for what, tok, vocab in (('LLM', llm_tok, model_cfg.llm.vocab_size), ('Q-Former', qformer_tok,
+                                                                       model_cfg.qformer.vocab_size)):
+    if len(tok) > vocab:
+      raise UserError(f'the {what} tokenizer has {len(tok)} ids but the model only {vocab}: wrong tokenizer for '
+                      f'{checkpoint}')
+  return VideoGenerator(loaded.model_config, loaded.params, llm_tok, qformer_tok)
