@@ -288,3 +288,34 @@ def test_stop_token_sequences_and_answer_text(tmp_path):
   eos = tok.convert_tokens_to_ids('</s>')
   assert conversation.answer_text(tok, tok('Assistant: a red', add_special_tokens=False)['input_ids'] + [eos, 5]) \
       == 'a red'
+
+
+# ----------------------------------------------------------------------------------------- speed
+
+
+def test_tokens_per_second_next_to_hugging_face(hf_instructblip, converted, rng, report):
+  """Greedy decoding of 64 tokens after 2 frames + 7 text tokens, batch 1 and 8, on the same tiny model (CPU;
+  compilation excluded, best of 3). Reported, not asserted: timings on shared CPUs are noisy."""
+  import time  # pylint: disable=g-import-not-at-top
+  steps = 64
+  for batch_size in (1, 8):
+    batch = text_batch(rng, converted[0], num_frames=2, batch_size=batch_size)
+    config = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, stop_strings=())
+
+    def best_of_3(fn):
+      fn()  # warm-up (and compilation)
+      times = []
+      for _ in range(3):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+      return min(times)
+
+    ours_s = best_of_3(lambda: ours(converted, batch, config))
+    hf_s = best_of_3(lambda: hf_composite_generate(hf_instructblip, batch, max_new_tokens=steps, min_new_tokens=steps,
+                                                   do_sample=False))
+    tokens = steps * batch_size
+    report('generation speed, tiny InstructBLIP (2 frames, 64 new tokens, CPU, compile excluded)',
+           f'batch {batch_size}: stllm_jax {tokens / ours_s:8.0f} tokens/s   Hugging Face {tokens / hf_s:8.0f} tokens/s '
+           f'(torch {torch.get_num_threads()} threads)')
+    assert all(len(row) == steps for row in ours(converted, batch, config))
