@@ -6,6 +6,9 @@
 `middle` takes T = num_frames segment middles; `fps` takes one frame per second of the clip, T clipped to
 `fps_range` (MVBench: [4, 16]). Unusable input raises `SampleError` (reason + message); callers that want
 to go on past a broken file catch it.
+
+`FramePolicy` names the choice for chat and evaluation (`parse_frame_policy`: auto | fps | fps:LOW-HIGH | N |
+global_local), so the paper's fixed-T vs fps-1 comparison (supplement Table 2) is one flag.
 """
 
 from __future__ import annotations
