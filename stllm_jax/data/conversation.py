@@ -19,6 +19,15 @@ Text longer than the largest bucket loses tokens from the end of the answer side
 skip. Visual tokens are never touched here.
 
 Tokenizers load from local directories only (`AutoTokenizer.from_pretrained(dir, local_files_only=True)`).
+
+Inference uses the same template: chat keeps the history as `</s>###Human: q1 ###Assistant: a1</s>###Human: q2
+###Assistant: ` (each piece tokenised as in training); generated text is cut at the separator `###`. The
+evaluation prompts (REFERENCE.md, "Evaluation") live here too:
+
+    MVBench   [V]</s>###Human: {MVBENCH_SYSTEM}Question: {q}\nOptions:\n(A) {c0}\n(B) {c1}...\nOnly give the best
+              option.\n###Assistant: Best option:(      Q-Former text: 'Question: {q}\nOptions:\n(A) {c0}...'
+              prediction = '(' + the first line of the answer; `mvbench_is_correct` is the original's matching
+    open QA   [V]</s>###Human: {q} ###Assistant:          (VideoChatGPT-Bench: QA_SYSTEM before '###Human: ')
 """
 
 from __future__ import annotations
@@ -38,7 +47,17 @@ PAD_TOKEN = '[PAD]'
 DEC_TOKEN = '[DEC]'
 HUMAN = '###Human: '
 ASSISTANT = '###Assistant: '
+SEPARATOR = '###'  # generation stops at it
 QFORMER_MAX_LENGTH = 256
+
+MVBENCH_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
+                  'movement of objects, and the action and pose of persons. Based on your observations, select the '
+                  'best option that accurately addresses the question.\n')
+MVBENCH_QUESTION_END = '\nOnly give the best option.\n'
+MVBENCH_ANSWER_START = 'Best option:('
+QA_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
+             'movement of objects, and the action and pose of persons. Based on your observations, give your answer '
+             'that best addresses the question.\n')
 
 
 # ----------------------------------------------------------------------------------------- strings
@@ -55,6 +74,61 @@ def qformer_text(instruction: str, question: str) -> str:
   """What the Q-Former reads: the instruction and the question."""
   instruction = instruction.strip() if instruction else ''
   return f'{instruction} {question}' if instruction else question
+
+
+def chat_turns(history: Sequence[tuple[str, str]], question: str) -> list[tuple[str, str]]:
+  """(prompt text, answer text) pieces of a conversation whose last question is still unanswered."""
+  pieces = [(human_turn('', q), a) for q, a in history]
+  return pieces + [(human_turn('', question), '')]
+
+
+def qa_prompt(question: str, with_system: bool = False) -> str:
+  """Open-ended QA (MSVD/MSRVTT/ActivityNet-QA without system text; VideoChatGPT-Bench with it)."""
+  return (QA_SYSTEM if with_system else '') + human_turn('', question)
+
+
+def mvbench_question(question: str, candidates: Sequence[str]) -> str:
+  """'Question: {q}\nOptions:\n(A) {c0}\n(B) {c1}...' (also the Q-Former text)."""
+  options = ''.join(f'({chr(ord("A") + n)}) {c}\n' for n, c in enumerate(candidates))
+  return f'Question: {question}\nOptions:\n{options}'.rstrip()
+
+
+def mvbench_prompt(question: str, candidates: Sequence[str]) -> str:
+  """The text after `</s>`, ending in 'Best option:(' so the model continues with the letter."""
+  return f'{HUMAN}{MVBENCH_SYSTEM}{mvbench_question(question, candidates)}{MVBENCH_QUESTION_END}' \
+         f'{ASSISTANT}{MVBENCH_ANSWER_START}'
+
+
+def mvbench_ground_truth(candidates: Sequence[str], answer: str) -> str:
+  """'(X) answer' for the candidate equal to `answer`."""
+  if answer not in candidates:
+    raise ValueError(f'the answer {answer!r} is not among the candidates {list(candidates)}')
+  return f'({chr(ord("A") + list(candidates).index(answer))}) {answer}'
+
+
+def mvbench_prediction(answer: str) -> str:
+  """'(' + the first line of the generated answer (the prompt ended in '(')."""
+  return '(' + answer.strip().split('\n')[0]
+
+
+def mvbench_is_correct(prediction: str, ground_truth: str) -> bool:
+  """The original matching: the prediction's first word (lower-cased, dots removed) and the ground truth's
+  option '(x)' contain one another ('(A) cat', 'A', '(a)' and 'a.' all match '(A) cat')."""
+  predicted_option = prediction.lower().split(' ')[0].replace('.', '')
+  true_option = ground_truth.lower().split(' ')[0]
+  return predicted_option in true_option or true_option in predicted_option
+
+
+def answer_text(tokenizer, generated_ids: Sequence[int], stop_strings: Sequence[str] = (SEPARATOR,)) -> str:
+  """Generated ids -> the answer: up to EOS, cut at the first stop string, after any 'Assistant:', stripped."""
+  ids = list(generated_ids)
+  eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+  if eos in ids:
+    ids = ids[:ids.index(eos)]
+  text = tokenizer.decode(ids, skip_special_tokens=True)
+  for stop in stop_strings:
+    text = text.split(stop)[0]
+  return text.split('Assistant:')[-1].strip()
 
 
 # ----------------------------------------------------------------------------------------- tokenizers
@@ -112,6 +186,17 @@ def _ids(tokenizer, text: str) -> list[int]:
 def encode_prompt(tokenizer, prompt: str) -> np.ndarray:
   """`</s>` + prompt tokens, for generation: int32 [n]."""
   return np.asarray([tokenizer.convert_tokens_to_ids(EOS_TOKEN)] + _ids(tokenizer, prompt), np.int32)
+
+
+def encode_turns(tokenizer, turns: Sequence[tuple[str, str]]) -> np.ndarray:
+  """`</s>` + (prompt, answer `</s>`) pieces as in training; an empty last answer leaves the prompt open."""
+  eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+  ids = [eos]
+  for prompt, answer in turns:
+    ids += _ids(tokenizer, prompt)
+    if answer:
+      ids += _ids(tokenizer, answer) + [eos]
+  return np.asarray(ids, np.int32)
 
 
 def encode_training_text(tokenizer, instruction: str, question: str, answer: str,

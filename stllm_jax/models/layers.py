@@ -177,19 +177,35 @@ class LayerStack(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, *args) -> Array:
+  def __call__(self, x: Array, *args, per_layer: Any = None) -> Array | tuple[Array, Any]:
+    """`x` through every block; `args` go to each block unchanged.
+
+    `per_layer` (a pytree whose leaves have a leading `num_layers` axis, e.g. a KV cache) gives block i
+    its slice i as a last argument; then the blocks' second outputs come back stacked: returns (x, ys).
+    """
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}')
     block = self.block
     if self.remat_policy != 'none':
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
     kwargs = dict(config=self.config, dtype=self.dtype, attention_impl=self.attention_impl)
+    if per_layer is None:
+      if self.scan:
+        stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                        in_axes=nn.broadcast, length=self.num_layers,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
+        x, _ = stack(name='layers', **kwargs)(x, *args)
+        return x
+      for i in range(self.num_layers):
+        x, _ = block(name=f'layers_{i}', **kwargs)(x, *args)
+      return x
     if self.scan:
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=nn.broadcast, length=self.num_layers,
+                      in_axes=(nn.broadcast,) * len(args) + (0,), length=self.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(name='layers', **kwargs)(x, *args)
-      return x
+      return stack(name='layers', **kwargs)(x, *args, per_layer)
+    outputs = []
     for i in range(self.num_layers):
-      x, _ = block(name=f'layers_{i}', **kwargs)(x, *args)
-    return x
+      x, y = block(name=f'layers_{i}', **kwargs)(x, *args, jax.tree_util.tree_map(lambda a, i=i: a[i], per_layer))
+      outputs.append(y)
+    return x, jax.tree_util.tree_map(lambda *ys: jnp.stack(ys), *outputs)

@@ -3,12 +3,16 @@
 Pre-norm blocks: RMSNorm -> causal self-attention with rotate-half RoPE -> residual, RMSNorm -> SwiGLU
 -> residual; a final RMSNorm, then an untied (or tied) LM head. The module takes embeddings, not ids,
 because ST-LLM feeds `[visual tokens : text embeddings]`; `embed_tokens` gives the text half.
+
+Generation passes a `KVCache` (static size S, written at `cache.index`): the same blocks and the same
+attention function then attend from the L new tokens to all S cache slots, and return the updated cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -81,13 +85,43 @@ def causal_mask(attention_mask: Array) -> Array:
   return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
 
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for S slots; slots [0, index) are written."""
+  key: Array  # [layers, B, S, Hkv, hd]
+  value: Array  # [layers, B, S, Hkv, hd]
+  index: Array  # int32 []: the slot the next token goes to
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Dtype = jnp.float32) -> KVCache:
+  """An empty cache of `length` slots (prompt + new tokens) for `batch` sequences."""
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.attention_head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def cached_causal_mask(slot_mask: Array, index: Array, length: int) -> Array:
+  """bool [B, 1, L, S]: new token i (in slot index + i) sees slots j <= index + i that hold real tokens.
+
+  slot_mask [B, S]: 1 where a slot holds (or, after this call, will hold) a real token.
+  """
+  slots = jnp.arange(slot_mask.shape[1])
+  causal = slots[None, :] <= index + jnp.arange(length)[:, None]  # [L, S]
+  return causal[None, None] & slot_mask.astype(bool)[:, None, None, :]
+
+
 class LlamaAttention(nn.Module):
   config: LlamaConfig
   dtype: Dtype
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+  def __call__(self, x: Array, mask: Array, positions: Array, cache_index: Array | None = None,
+               layer_cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+    """-> (output [B, L, D], this layer's updated (key, value) cache or None).
+
+    With `layer_cache` ([B, S, Hkv, hd] each), this call's keys and values are written at `cache_index`
+    and the queries attend over all S slots (`mask` [B, 1, L, S]).
+    """
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
     hd = cfg.attention_head_dim
@@ -98,9 +132,13 @@ class LlamaAttention(nn.Module):
     key = rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta)
     value = project('value', cfg.num_kv_heads, 'kv_heads')
     query = layers.constrain(query, ('activation_batch', 'activation_length', 'activation_heads', None))
+    new_cache = None
+    if layer_cache is not None:
+      write = lambda stored, new: jax.lax.dynamic_update_slice(stored, new.astype(stored.dtype), (0, cache_index, 0, 0))
+      key, value = new_cache = (write(layer_cache[0], key), write(layer_cache[1], value))  # [B, S, Hkv, hd]
     out = layers.attention(query, key, value, mask, self.attention_impl)  # [B, L, H, hd]
     return layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), use_bias=False, name='out',
-                        dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'))(out)
+                        dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'))(out), new_cache
 
 
 class LlamaMLP(nn.Module):
@@ -125,14 +163,16 @@ class LlamaBlock(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array) -> tuple[Array, None]:
+  def __call__(self, x: Array, mask: Array, positions: Array, cache_index: Array | None = None,
+               layer_cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     cfg = self.config
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype,
                                        param_dtype=layers.as_dtype(cfg.param_dtype), name=name)
-    x = x + LlamaAttention(cfg, self.dtype, self.attention_impl, name='attention')(
-        norm('attention_norm')(x), mask, positions)
+    attended, new_cache = LlamaAttention(cfg, self.dtype, self.attention_impl, name='attention')(
+        norm('attention_norm')(x), mask, positions, cache_index, layer_cache)
+    x = x + attended
     x = x + LlamaMLP(cfg, self.dtype, name='mlp')(norm('mlp_norm')(x))
-    return layers.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), None
+    return layers.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), new_cache
 
 
 class Llama(nn.Module):
@@ -156,8 +196,20 @@ class Llama(nn.Module):
   def embed_tokens(self, input_ids: Array) -> Array:  # [B, L] -> [B, L, D]
     return self.embed(input_ids)
 
-  def __call__(self, embeddings: Array, attention_mask: Array, positions: Array | None = None) -> Array:
-    """embeddings [B, L, D], attention_mask [B, L] (1 = real token) -> final hidden states [B, L, D]."""
+  def __call__(self, embeddings: Array, attention_mask: Array, positions: Array | None = None,
+               cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+    """embeddings [B, L, D], attention_mask [B, L] (1 = real token) -> final hidden states [B, L, D].
+
+    With `cache` (S slots): the L tokens go into slots [cache.index, cache.index + L); attention_mask is
+    then [B, S] over the slots (1 = real token, these L included) and `positions` [B, L] must be given;
+    returns (hidden [B, L, D], the cache with index + L).
+    """
+    if cache is not None:
+      length = embeddings.shape[1]
+      x = layers.constrain(embeddings.astype(self.dtype), ('activation_batch', 'activation_length', 'activation_embed'))
+      x, (key, value) = self.blocks(x, cached_causal_mask(attention_mask, cache.index, length), positions, cache.index,
+                                    per_layer=(cache.key, cache.value))
+      return self.final_norm(x), KVCache(key, value, cache.index + length)
     batch, length = attention_mask.shape
     if length > self.config.max_positions:
       raise ValueError(f'the LLM input has {length} tokens, more than llm.max_positions='

@@ -1,0 +1,197 @@
+"""MVBench and open-ended QA harnesses on a tiny synthetic MVBench-layout set with a tiny random model."""
+
+import json
+import os
+
+import pytest
+
+import inference_helpers
+from stllm_jax import evaluate
+from stllm_jax.data import conversation, inference, synthetic
+from stllm_jax.errors import UserError
+
+REFERENCE_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
+                    'movement of objects, and the action and pose of persons. Based on your observations, select the '
+                    'best option that accurately addresses the question.\n')
+
+
+@pytest.fixture(scope='module')
+def paths():
+  return inference_helpers.build()
+
+
+def test_mvbench_prompt_is_the_reference_string():
+  prompt = conversation.mvbench_prompt('What does the man do?', ['runs', 'sits down', 'jumps'])
+  assert prompt == ('###Human: ' + REFERENCE_SYSTEM + 'Question: What does the man do?\nOptions:\n(A) runs\n'
+                    '(B) sits down\n(C) jumps\nOnly give the best option.\n###Assistant: Best option:(')
+  assert conversation.mvbench_question('Q?', ['x', 'y']) == 'Question: Q?\nOptions:\n(A) x\n(B) y'
+  assert conversation.MVBENCH_SYSTEM == REFERENCE_SYSTEM == synthetic.MVBENCH_SYSTEM
+  assert conversation.mvbench_ground_truth(['dog', 'cat'], 'cat') == '(B) cat'
+
+
+def test_mvbench_tokens_start_with_eos(paths):
+  tok = conversation.load_llm_tokenizer(os.path.join(paths.checkpoint, 'tokenizers', 'llm'))
+  ids = conversation.encode_prompt(tok, conversation.mvbench_prompt('Q?', ['a', 'b']))
+  assert ids[0] == tok.convert_tokens_to_ids('</s>')
+  assert tok.decode(ids[1:]) == conversation.mvbench_prompt('Q?', ['a', 'b'])
+
+
+@pytest.mark.parametrize('answer, correct', [
+    ('A) cat', True),  # the model continues after 'Best option:(' -> prediction '(A) cat'
+    ('A', True), ('a)', True), ('A.', True), ('a', True), ('A) dog\nbecause...', True),
+    ('B)', False), ('B) cat', False), ('C', False),
+])
+def test_answer_matching_is_the_originals(answer, correct):
+  prediction = conversation.mvbench_prediction(answer)
+  assert conversation.mvbench_is_correct(prediction, '(A) cat') is correct
+
+
+def test_answer_matching_on_whole_predictions():
+  gt = '(A) cat'
+  assert conversation.mvbench_is_correct('(A) cat', gt)
+  assert conversation.mvbench_is_correct('A', gt)
+  assert conversation.mvbench_is_correct('(a)', gt)
+  assert not conversation.mvbench_is_correct('(B)', gt)
+  assert conversation.mvbench_prediction('  B) dog\nsecond line') == '(B) dog'
+  assert conversation.mvbench_is_correct('(', gt)  # an empty answer matches, as in the original (kept)
+
+
+def test_accuracy_table_adds_up():
+  records = [dict(task='t1', correct=True), dict(task='t1', correct=False), dict(task='t2', correct=True)]
+  rows, table = evaluate.accuracy_table(records, ['t1', 't2', 't3'])
+  assert rows == [('t1', 1, 2), ('t2', 1, 1)]
+  assert 'Overall (all questions)        2      3    66.67%' in table
+  assert 'Mean over 2 tasks' in table and '75.00%' in table
+
+
+def test_frame_policies():
+  assert inference.parse_frame_policy('auto') == inference.FramePolicy('fps', 16, (4, 16))
+  assert inference.parse_frame_policy('16') == inference.FramePolicy('middle', 16)
+  assert inference.parse_frame_policy('fps:2-8').fps_range == (2, 8)
+  assert inference.parse_frame_policy('auto', 'global_local', 16) == inference.FramePolicy('middle', 64)
+  with pytest.raises(ValueError, match='at least num_local_frames=16'):
+    inference.parse_frame_policy('fps', 'global_local', 16)
+  with pytest.raises(ValueError, match='use auto, fps'):
+    inference.parse_frame_policy('many')
+
+
+def test_mvbench_items_read_every_media_kind_and_bounds(paths):
+  tasks = evaluate.mvbench_tasks(paths.mvbench)
+  items = {item.key: item for item in evaluate.mvbench_items(paths.mvbench, tasks)}
+  gif, folder, bounded = (items[f'{t}/0'] for t in ('Action Antonym (GIF)', 'Episodic Reasoning (frames)',
+                                                    'Action Sequence (bounds)'))
+  assert gif.video.endswith('.gif') and os.path.isdir(folder.video)
+  assert (folder.start, folder.end) == (1.0, 4.5) and (bounded.start, bounded.end) == (0.5, 1.5)
+  assert items['Moving Direction/0'].start is None
+  policy = inference.FramePolicy()
+  loaded = inference.load_video_with_policy(bounded.video, policy, 56, bounded.start, bounded.end)
+  times = inference.frame_times(loaded)
+  assert len(times) == 4 and times.min() >= 0.5 and times.max() < 1.5
+  frames = inference.load_video_with_policy(folder.video, policy, 56, folder.start, folder.end,
+                                            evaluate.FRAME_FOLDER_FPS)
+  assert frames.frames.shape == (4, 56, 56, 3) and inference.frame_times(frames).min() >= 1.0
+  assert inference.load_video_with_policy(gif.video, policy, 56).frames.shape == (4, 56, 56, 3)
+
+
+def test_mvbench_runs_resumes_and_does_not_redo_questions(paths, tmp_path, monkeypatch, capsys):
+  loads = []
+  real_load = inference.load_video_with_policy
+  monkeypatch.setattr(evaluate.inference, 'load_video_with_policy',
+                      lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
+  argv = ['mvbench', '--checkpoint', paths.checkpoint, '--data-root', paths.mvbench, '--out', str(tmp_path),
+          '--batch-size', '4']
+  monkeypatch.setenv(evaluate.INTERRUPT_AFTER_ENV, '2')
+  with pytest.raises(SystemExit) as stopped:
+    evaluate.main(argv)
+  assert stopped.value.code == 130
+  predictions = tmp_path / 'predictions.jsonl'
+  first_lines = predictions.read_text().splitlines()
+  assert len(first_lines) == 8 and len(loads) == 8
+
+  monkeypatch.delenv(evaluate.INTERRUPT_AFTER_ENV)
+  evaluate.main(argv)
+  out = capsys.readouterr().out
+  lines = predictions.read_text().splitlines()
+  records = [json.loads(line) for line in lines]
+  total = len(evaluate.mvbench_items(paths.mvbench, evaluate.mvbench_tasks(paths.mvbench)))
+  assert 'resuming: 8 of 22 questions already answered' in out
+  assert total == 22 == len(records) == len({r['key'] for r in records})
+  assert lines[:8] == first_lines  # finished questions kept as they were...
+  assert len(loads) == total  # ...and not asked again
+
+  summary = json.loads((tmp_path / 'accuracy.json').read_text())
+  assert summary['total'] == total
+  assert summary['correct'] == sum(r['correct'] for r in records)
+  assert summary['correct'] == sum(t['correct'] for t in summary['tasks'].values())
+  for record in (r for r in records if 'error' not in r):
+    assert record['correct'] == conversation.mvbench_is_correct(record['pred'], record['gt'])
+    assert record['pred'].startswith('(')
+  unreadable = [r for r in records if 'error' in r]
+  assert [r['task'] for r in unreadable] == ['Unreadable'] and not unreadable[0]['correct']
+  assert all(r['frames'] == 4 for r in records if 'error' not in r)
+  for task in summary['tasks']:
+    assert task in out
+  assert 'tokens/s' in out
+
+  evaluate.main(argv)  # everything done: nothing is generated again
+  assert 'resuming: 22 of 22' in capsys.readouterr().out and len(loads) == total
+
+
+def test_mvbench_refuses_other_settings_in_the_same_output(paths, tmp_path):
+  log = evaluate.PredictionLog(str(tmp_path / 'p.jsonl'), dict(frames='fps4-16'))
+  log.append([dict(key='a', pred='(A)')])
+  with open(tmp_path / 'p.jsonl', 'a') as f:
+    f.write('{"key": "b", "pred"')  # a line torn by a kill
+  assert list(evaluate.PredictionLog(str(tmp_path / 'p.jsonl'), dict(frames='fps4-16')).done) == ['a']
+  with pytest.raises(UserError, match='frames differ'):
+    evaluate.PredictionLog(str(tmp_path / 'p.jsonl'), dict(frames='fixed16'))
+
+
+def test_qa_writes_the_judge_format(paths, tmp_path, capsys):
+  facts = json.load(open(os.path.join(os.path.dirname(paths.mvbench), 'test_facts.json')))[:2]
+  questions = [dict(video_name=os.path.splitext(f['video'])[0], question_id=f'q{n}', question='What moves?',
+                    answer=f['shape']) for n, f in enumerate(facts)]
+  questions_path = tmp_path / 'questions.json'
+  questions_path.write_text(json.dumps(questions))
+  out = tmp_path / 'msvd_predictions.json'
+  evaluate.main(['qa', '--format', 'msvd', '--checkpoint', paths.checkpoint, '--questions', str(questions_path),
+                 '--video-dir', os.path.join(os.path.dirname(paths.mvbench), 'videos'), '--out', str(out),
+                 '--num-beams', '2', '--max-new-tokens', '8'])
+  predictions = json.loads(out.read_text())
+  assert [sorted(p) for p in predictions] == [['answer', 'id', 'pred', 'question']] * 2
+  assert [p['id'] for p in predictions] == ['q0', 'q1'] and all(isinstance(p['pred'], str) for p in predictions)
+  assert 'wrote 2 predictions' in capsys.readouterr().out
+
+
+def test_qa_formats_read_their_files(tmp_path):
+  (tmp_path / 'v_abc.mp4').write_bytes(b'')
+  (tmp_path / 'clip.mkv').write_bytes(b'')
+  q = tmp_path / 'q.json'
+  a = tmp_path / 'a.json'
+  q.write_text(json.dumps([dict(video_name='abc', question_id='x_1', question='what is it')]))
+  a.write_text(json.dumps([dict(answer='a dog', question_id='x_1')]))
+  (item,) = evaluate.qa_items('activitynet', str(q), str(a), str(tmp_path))
+  assert item.video == str(tmp_path / 'v_abc.mp4') and item.record == dict(id='x_1', question='what is it',
+                                                                           answer='a dog')
+  assert item.prompt == '###Human: what is it ###Assistant: '
+  q.write_text(json.dumps([dict(video_name='clip', Q='Describe it.', A='A dog runs.')]))
+  (item,) = evaluate.qa_items('videochatgpt', str(q), '', str(tmp_path))
+  assert item.video == str(tmp_path / 'clip.mkv') and item.record == dict(video_name='clip', Q='Describe it.',
+                                                                         A='A dog runs.')
+  assert item.prompt == conversation.QA_SYSTEM + '###Human: Describe it. ###Assistant: '
+  q.write_text(json.dumps([dict(video='clip.mkv', id=7, question='why', answer='because')]))
+  (item,) = evaluate.qa_items('msrvtt', str(q), '', str(tmp_path))
+  assert item.record == dict(id=7, question='why', answer='because')
+  with pytest.raises(UserError, match='needs --answers'):
+    evaluate.qa_items('activitynet', str(q), '', str(tmp_path))
+  q.write_text(json.dumps([dict(question='no video')]))
+  with pytest.raises(UserError, match='entry 0 does not have the msvd fields'):
+    evaluate.qa_items('msvd', str(q), '', str(tmp_path))
+
+
+def test_missing_data_root_is_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as stopped:
+    evaluate.main(['mvbench', '--checkpoint', str(tmp_path), '--data-root', str(tmp_path / 'nope')])
+  assert stopped.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'does not exist' in err[0]
