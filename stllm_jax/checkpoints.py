@@ -188,11 +188,15 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
     tok = lambda name: os.path.join(tokenizers, name) if os.path.isdir(os.path.join(tokenizers, name)) else ''
     return LoadedModel(model, load_weights(path, abstract), tok('llm'), tok('qformer'), f'weights {path}')
   run_dir = os.path.join(path, 'checkpoints')
-  with ocp.CheckpointManager(os.path.abspath(run_dir), item_names=('state', 'extra')) as manager:
-    latest = manager.latest_step() if os.path.isdir(run_dir) else None
+  not_a_model = UserError(f'{path} is neither a weights directory (with {MODEL_JSON} and {PARAMS_DIR}/) nor a '
+                          f'training workdir with a checkpoint (in {run_dir}/)')
+  if not os.path.isdir(run_dir):  # checked first: opening a manager would create the directory
+    raise not_a_model
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  with ocp.CheckpointManager(os.path.abspath(run_dir), options=options, item_names=('state', 'extra')) as manager:
+    latest = manager.latest_step()
     if latest is None:
-      raise UserError(f'{path} is neither a weights directory (with {MODEL_JSON} and {PARAMS_DIR}/) nor a training '
-                      f'workdir with a checkpoint (in {run_dir}/)')
+      raise not_a_model
     extra = manager.restore(latest, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
   config = ml_collections.ConfigDict(extra['config'])
   model_cfg = stllm.model_config(config.model)

@@ -19,7 +19,6 @@ import sys
 import time
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -43,8 +43,9 @@ def test_weights_directory_round_trip(tiny_run, tmp_path):
 
 
 def test_neither_weights_nor_workdir_is_explained(tmp_path):
-  with pytest.raises(UserError, match='neither a weights directory .* nor a training workdir'):
+  with pytest.raises(UserError, match='neither a weights directory .* nor a .*training workdir'):
     checkpoints.load_model(str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()  # looking did not create anything
 
 
 def test_checksums_tell_changed_weights_apart(tiny_params):

@@ -7,7 +7,7 @@ import pytest
 
 import inference_helpers
 from stllm_jax import evaluate
-from stllm_jax.data import conversation, inference, synthetic
+from stllm_jax.data import conversation, inference
 from stllm_jax.errors import UserError
 
 REFERENCE_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
@@ -25,7 +25,7 @@ def test_mvbench_prompt_is_the_reference_string():
   assert prompt == ('###Human: ' + REFERENCE_SYSTEM + 'Question: What does the man do?\nOptions:\n(A) runs\n'
                     '(B) sits down\n(C) jumps\nOnly give the best option.\n###Assistant: Best option:(')
   assert conversation.mvbench_question('Q?', ['x', 'y']) == 'Question: Q?\nOptions:\n(A) x\n(B) y'
-  assert conversation.MVBENCH_SYSTEM == REFERENCE_SYSTEM == synthetic.MVBENCH_SYSTEM
+  assert conversation.MVBENCH_SYSTEM == REFERENCE_SYSTEM
   assert conversation.mvbench_ground_truth(['dog', 'cat'], 'cat') == '(B) cat'
 
 

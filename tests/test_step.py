@@ -6,7 +6,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from conftest import relative_error
 from stllm_jax import step

@@ -43,9 +43,6 @@ OPPOSITE = {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}
 BACKGROUND = (30, 30, 30)
 MC_INSTRUCTION = ('Carefully watch the video and pay attention to the movement of objects. '
                   'Select the best option that accurately addresses the question.')
-MVBENCH_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
-                  'movement of objects, and the action and pose of persons. Based on your observations, select the '
-                  'best option that accurately addresses the question.\n')
 MVBENCH_TASKS = {'Moving Direction': 'moving_direction.json', 'Moving Attribute': 'moving_attribute.json'}
 
 
@@ -175,7 +172,7 @@ def mvbench_tasks(facts: list[dict[str, Any]], rng: np.random.Generator) -> dict
 
 def text_corpus(rows: list[dict[str, Any]], tasks: dict[str, list[dict[str, Any]]]) -> list[str]:
   """Every text the tokenizers should cover compactly: prompts, answers, MVBench prompts."""
-  corpus = [MVBENCH_SYSTEM, 'Only give the best option.', 'Best option:(']
+  corpus = [conversation.MVBENCH_SYSTEM, conversation.MVBENCH_QUESTION_END, conversation.MVBENCH_ANSWER_START]
   for row in rows:
     for qa in row['QA']:
       corpus += [conversation.human_turn(qa['i'], qa['q']), qa['a'], conversation.qformer_text(qa['i'], qa['q'])]
