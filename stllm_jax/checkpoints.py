@@ -53,8 +53,9 @@ def save_weights(path: str, params: Any, model_config: dict, *, tokenizers: dict
                  progress: Callable[[Any], Any] = lambda items: items) -> None:
   """Writes a weights directory at `path` (which must not exist), atomically.
 
-  params: the (unboxed) param tree, numpy or jax arrays. With `shardings` (a matching tree of NamedShardings)
-    each numpy leaf is placed on the mesh first and replaced in `params` itself, so the host keeps one copy.
+  params: the (unboxed) param tree, numpy or jax arrays; numpy leaves are written straight from host memory
+    (one chunk per array). With `shardings` (a matching tree of NamedShardings) each leaf is first placed on
+    the mesh, replacing it in `params` itself, and written shard by shard (one chunk per shard).
   tokenizers: {'llm' | 'qformer': a Hugging Face tokenizer} saved under tokenizers/.
   conversion: what the weights were converted from (conversion.json).
   """
@@ -72,12 +73,22 @@ def save_weights(path: str, params: Any, model_config: dict, *, tokenizers: dict
       _write_json(os.path.join(staging, CONVERSION_JSON), conversion)
     if shardings is not None:
       place_in_place(params, shardings, progress)
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
+    with ocp.Checkpointer(_weights_handler()) as checkpointer:
+      checkpointer.save(os.path.join(staging, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     os.rename(staging, path)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def _weights_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's PyTree handler, set up so that saving adds (almost) no host memory to the params themselves:
+  numpy leaves are written from their own memory (orbax's default deep-copies every one before writing) and
+  without zstd (which buffers a compressed copy; weights hardly compress). Readers need nothing special."""
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+  return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
 
 
 def _write_json(path: str, value: Any) -> None:

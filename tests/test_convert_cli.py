@@ -334,7 +334,7 @@ def test_a_failure_while_writing_leaves_no_usable_directory(world, hf_sources, m
   def fail(*args, **kwargs):
     raise OSError('disk full')
 
-  monkeypatch.setattr(ocp.StandardCheckpointer, 'save', fail)
+  monkeypatch.setattr(ocp.Checkpointer, 'save', fail)
   out = fresh(world, 'interrupted')
   with pytest.raises(OSError, match='disk full'):
     sources.convert(sources.prepare_hf_instructblip(hf_sources['safetensors'], configlib.load_config_file(TINY).model),

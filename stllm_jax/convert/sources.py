@@ -28,7 +28,6 @@ from typing import Any, Callable
 import flax
 import jax
 import ml_collections
-import numpy as np
 
 from stllm_jax import checkpoints, configlib, sharding
 from stllm_jax.convert import hf, mappings, strict
@@ -107,10 +106,6 @@ def has_tokenizer(directory: str) -> bool:
   return bool(directory) and any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES)
 
 
-def _inv_freq(llm_config: Any) -> Callable[[np.ndarray], str]:
-  return hf.rope_inv_freq_check(llm_config)
-
-
 def _llm_config(config: dict, base: ml_collections.ConfigDict, directory: str) -> ml_collections.ConfigDict:
   try:
     return hf.llm_config_from_hf(config, base)
@@ -154,7 +149,7 @@ def prepare_hf_instructblip(directory: str, base: ml_collections.ConfigDict | No
     cfg = hf.model_config_from_hf_instructblip(config, _base(base))
   except (ValueError, KeyError) as err:
     raise UserError(f'{directory}/config.json: {err}') from None
-  rules = mappings.hf_instructblip_rules(_inv_freq(cfg.llm))
+  rules = mappings.hf_instructblip_rules(hf.rope_inv_freq_check(cfg.llm))
   if cfg.llm.tie_word_embeddings:
     rules.insert(0, (r'language_model\.lm_head\.weight', mappings.SameAs('llm/embed/embedding')))
   qformer_dir = os.path.join(directory, QFORMER_TOKENIZER_SUBDIR)
@@ -190,7 +185,7 @@ def prepare_lavis(vit: str, instructblip: str, llm: str, base: ml_collections.Co
   if rows:
     notes.append(f'the vocabulary grows to {cfg.llm.vocab_size} for [PAD] (id {cfg.llm.vocab_size - 1}): its '
                  'embedding row and LM-head row are the mean of the existing rows')
-  rules = mappings.lavis_rules(cfg.vision.depth, _inv_freq(cfg.llm), rows)
+  rules = mappings.lavis_rules(cfg.vision.depth, hf.rope_inv_freq_check(cfg.llm), rows)
   return Prepared('lavis', cfg, tensors, rules, {'llm': llm, 'qformer': qformer_tokenizer}, notes,
                   {'kind': 'lavis', 'vit': vit, 'instructblip': instructblip, 'llm': llm})
 
@@ -233,7 +228,7 @@ def prepare_stllm(directory: str, base: ml_collections.ConfigDict | None = None,
   if mappings.STLLM_PREFIX + 'embed_tokens.weight' in names:
     notes.append('the second copy of the LLM embedding (stllm_model.embed_tokens) is checked equal and not stored')
   tokenizers = {'llm': directory if has_tokenizer(directory) else '', 'qformer': qformer_tokenizer}
-  rules = mappings.stllm_rules(_inv_freq(cfg.llm), cfg.num_local_frames)
+  rules = mappings.stllm_rules(hf.rope_inv_freq_check(cfg.llm), cfg.num_local_frames)
   return Prepared('stllm', cfg, tensors, rules, tokenizers, notes, {'kind': 'stllm', 'source': directory})
 
 
@@ -261,7 +256,7 @@ def prepare_hf_llama(directory: str, base: ml_collections.ConfigDict | None = No
     if rows:
       notes.append(f'the vocabulary grows to {cfg.llm.vocab_size} for [PAD] (id {cfg.llm.vocab_size - 1}): its '
                    'embedding row and LM-head row are the mean of the existing rows')
-  rules = mappings.llama_rules('', 'llm/', _inv_freq(cfg.llm), rows)
+  rules = mappings.llama_rules('', 'llm/', hf.rope_inv_freq_check(cfg.llm), rows)
   if cfg.llm.tie_word_embeddings:
     rules.insert(0, (r'lm_head\.weight', mappings.SameAs('llm/embed/embedding')))
   notes.append('only the LLM is converted (params llm/); the rest of model.json is the base config')

@@ -2,8 +2,10 @@
 
 A checkpoint loads only if every source tensor is used exactly once and every target leaf is filled with
 an array of the right shape; otherwise `CheckpointMismatch` lists what is missing, unused and mis-shaped.
-Sources are read one at a time (a mapping whose values may be loaded lazily), converted to the target
-dtype at once, and kept on the host, so peak memory stays near one copy of the output.
+"Used" includes a rule that checks a tensor and stores nothing (a buffer the model computes, a block the
+model deliberately lacks) and a duplicate that must equal another tensor (`same_as`).
+Sources are read one at a time (a mapping or iterable whose values may be loaded lazily) and copied into
+output leaves allocated once in the target dtype, so peak memory stays near one copy of the output.
 
 Name mappings (`stllm_jax.convert.mappings`) speak of unscanned layers (`blocks/layers_3/...`); where the
 model scans its layers (`blocks/layers/...` with a leading layer axis) the per-layer arrays are stacked here.
