@@ -69,9 +69,9 @@ def test_bin_shards_are_loaded_one_at_a_time(tmp_path, monkeypatch):
   directory = _bin_dir(tmp_path, shards)
   events, load = [], tensor_files.torch_state_dict
 
-  def logged(path, key=None):
+  def logged(path, key=None, trusted=False):
     events.append(('open', os.path.basename(path)))
-    return load(path, key)
+    return load(path, key, trusted)
 
   monkeypatch.setattr(tensor_files, 'torch_state_dict', logged)
   tensor_set = tensor_files.TensorSet(tensor_files.hf_directory_files(directory), directory)
@@ -96,8 +96,10 @@ class PickledObject:
 def test_a_pickle_with_objects_is_not_loaded(tmp_path):
   path = str(tmp_path / 'objects.pth')
   torch.save({'model': {'w': torch.ones(1)}, 'optimizer': PickledObject()}, path)
-  with pytest.raises(UserError, match='weights_only'):
+  with pytest.raises(UserError, match='pickles Python objects besides tensors.*pass --trust-pickle'):
     tensor_files.torch_state_dict(path, 'model')
+  state, _ = tensor_files.torch_state_dict(path, 'model', trusted=True)
+  assert list(state) == ['w']
 
 
 def test_a_name_given_twice_is_refused():

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--instructblip', required=True, help='instruct_blip_vicuna7b_trimmed.pth')
   p.add_argument('--llm', required=True, help='the Vicuna-7B v1.1 Hugging Face directory (with its tokenizer)')
   p.add_argument('--qformer-tokenizer', default='', help='a bert-base-uncased tokenizer directory ([DEC] is added)')
+  p.add_argument('--trust-pickle', action='store_true', help='read .pth files that also pickle Python objects '
+                 '(an optimizer state, a config object); unpickling can run code, so only for files you trust')
   _add_output_options(p)
   p = commands.add_parser('stllm', help=SOURCE_HELP['stllm'])
   p.add_argument('source', metavar='DIR')
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--vit', default='')
   p.add_argument('--instructblip', default='')
   p.add_argument('--llm', default='')
+  p.add_argument('--trust-pickle', action='store_true', help='as for `lavis`')
   p.add_argument('--frames', type=int, default=0, help='default: 2, or the local frames of global-local models')
   p.add_argument('--text-len', type=int, default=16)
   p.add_argument('--seed', type=int, default=0)
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
       export.export_hf(args.ckpt, args.out, parse_size(args.max_shard_size), args.dtype)
       return 0
     if args.command == 'verify':
-      spec = verify.SourceSpec.resolve(args.ckpt, args.torch, args.vit, args.instructblip, args.llm)
+      spec = verify.SourceSpec.resolve(args.ckpt, args.torch, args.vit, args.instructblip, args.llm,
+                                       args.trust_pickle)
       result = verify.verify(args.ckpt, spec, args.frames, args.text_len, args.seed)
       tolerance = verify.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
       print(verify.report(result, tolerance))
@@ -124,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == 'hf-instructblip':
       prepared = sources.prepare_hf_instructblip(args.source, base, args.llm_tokenizer, args.qformer_tokenizer)
     elif args.command == 'lavis':
-      prepared = sources.prepare_lavis(args.vit, args.instructblip, args.llm, base, args.qformer_tokenizer)
+      prepared = sources.prepare_lavis(args.vit, args.instructblip, args.llm, base, args.qformer_tokenizer,
+                                       args.trust_pickle)
     elif args.command == 'stllm':
       prepared = sources.prepare_stllm(args.source, base, args.qformer_tokenizer, args.num_local_frames)
     else:

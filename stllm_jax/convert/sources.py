@@ -160,7 +160,7 @@ def prepare_hf_instructblip(directory: str, base: ml_collections.ConfigDict | No
 
 
 def prepare_lavis(vit: str, instructblip: str, llm: str, base: ml_collections.ConfigDict | None = None,
-                  qformer_tokenizer: str = '') -> Prepared:
+                  qformer_tokenizer: str = '', trust_pickle: bool = False) -> Prepared:
   vit = require_file(vit, '--vit (eva_vit_g.pth)')
   instructblip = require_file(instructblip, '--instructblip (instruct_blip_vicuna7b_trimmed.pth)')
   llm = require_dir(llm, '--llm (the Vicuna directory)')
@@ -173,8 +173,8 @@ def prepare_lavis(vit: str, instructblip: str, llm: str, base: ml_collections.Co
   rows = new_vocab_rows(llm, cfg.llm.vocab_size)
   cfg.llm.vocab_size += rows
   cfg.ln_vision_eps = 1e-5  # LAVIS's ln_vision is a plain torch LayerNorm
-  vit_file = TensorFile(vit, prefix='visual_encoder.', key='model')
-  blip_file = TensorFile(instructblip, key='model')
+  vit_file = TensorFile(vit, prefix='visual_encoder.', key='model', trusted=trust_pickle)
+  blip_file = TensorFile(instructblip, key='model', trusted=trust_pickle)
   _require_names(vit_file, 'visual_encoder.cls_token', '--vit', 'EVA-ViT-g weights (eva_vit_g.pth)')
   _require_names(blip_file, 'query_tokens', '--instructblip', 'InstructBLIP weights (instruct_blip_vicuna7b_trimmed.pth)')
   tensors = TensorSet([vit_file, blip_file, *hf_directory_files(llm)], f'{vit} + {instructblip} + {llm}')
@@ -187,7 +187,7 @@ def prepare_lavis(vit: str, instructblip: str, llm: str, base: ml_collections.Co
                  'embedding row and LM-head row are the mean of the existing rows')
   rules = mappings.lavis_rules(cfg.vision.depth, hf.rope_inv_freq_check(cfg.llm), rows)
   return Prepared('lavis', cfg, tensors, rules, {'llm': llm, 'qformer': qformer_tokenizer}, notes,
-                  {'kind': 'lavis', 'vit': vit, 'instructblip': instructblip, 'llm': llm})
+                  {'kind': 'lavis', 'vit': vit, 'instructblip': instructblip, 'llm': llm, 'trust_pickle': trust_pickle})
 
 
 def _require_names(tensor_file: TensorFile, name: str, flag: str, what: str) -> None:

@@ -5,7 +5,8 @@ Read:
                 each tensor is copied out on request and its pages are released at once (`madvise`), so a
                 whole file never counts towards the process's resident memory.
   .bin / .pth   `torch.load(mmap=True, weights_only=True)`, one file at a time; a `model` entry (LAVIS)
-                is unwrapped.
+                is unwrapped. A file that also pickles Python objects (an optimizer, a config object) is
+                refused unless the caller trusts it (`trusted`: full unpickling, which can run code).
   directories   Hugging Face layouts: `model.safetensors`, `pytorch_model.bin`, or sharded with
                 `*.index.json`.
 Write: `write_safetensors` streams tensors into a file whose header is computed from shapes and dtypes
@@ -19,6 +20,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 from typing import Any, Callable, Iterator, Sequence
 
@@ -158,26 +160,30 @@ def write_safetensors(path: str, specs: Sequence[tuple[str, tuple[int, ...], np.
 
 # ------------------------------------------------------------------------------------------------- torch
 
-def _torch_load(path: str) -> tuple[Any, bool]:
+def _torch_load(path: str, trusted: bool = False) -> tuple[Any, bool]:
   """(what the file holds, whether its tensors are memory-mapped from the file)."""
   import pickle  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  weights_only = not trusted
   try:
     try:
-      return torch.load(path, map_location='cpu', weights_only=True, mmap=True), True
+      return torch.load(path, map_location='cpu', weights_only=weights_only, mmap=True), True
     except RuntimeError as err:
       if 'mmap' not in str(err):
         raise
-      return torch.load(path, map_location='cpu', weights_only=True), False  # the legacy format cannot mmap
+      return torch.load(path, map_location='cpu', weights_only=weights_only), False  # legacy format: no mmap
   except pickle.UnpicklingError as err:
-    raise UserError(f'{path} holds Python objects besides tensors, so it is not loaded (weights_only): {err}') from None
+    found = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+    what = f' (e.g. {found.group(1)})' if found else ''
+    raise UserError(f'{path} pickles Python objects besides tensors{what}, so it is not loaded. If you trust the '
+                    'file (unpickling it can run code), pass --trust-pickle.') from None
   except (RuntimeError, EOFError, OSError) as err:
     raise UserError(f'{path} is not a readable PyTorch checkpoint: {err}') from None
 
 
-def torch_state_dict(path: str, key: str | None = None) -> tuple[dict[str, Any], bool]:
+def torch_state_dict(path: str, key: str | None = None, trusted: bool = False) -> tuple[dict[str, Any], bool]:
   """({name: torch tensor}, memory-mapped?) of a .bin/.pth file, unwrapping `state[key]` when it is there."""
-  state, mapped = _torch_load(path)
+  state, mapped = _torch_load(path, trusted)
   if key and isinstance(state, dict) and isinstance(state.get(key), dict):
     state = state[key]
   if not isinstance(state, dict):
@@ -221,6 +227,7 @@ class TensorFile:
   prefix: str = ''
   key: str | None = None  # torch files: unwrap state[key] if present (LAVIS keeps weights under 'model')
   index_names: tuple[str, ...] | None = None  # from a sharded directory's index (without the prefix)
+  trusted: bool = False  # torch files: unpickle Python objects too (only for files the user trusts)
 
   @property
   def is_safetensors(self) -> bool:
@@ -231,7 +238,7 @@ class TensorFile:
       return [self.prefix + n for n in self.index_names]
     if self.is_safetensors:
       return [self.prefix + n for n in read_safetensors_header(self.path)[0]]
-    return [self.prefix + n for n in torch_state_dict(self.path, self.key)[0]]
+    return [self.prefix + n for n in torch_state_dict(self.path, self.key, self.trusted)[0]]
 
   def tensors(self) -> Iterator[tuple[str, Callable[[], Any]]]:
     """(name, loader) for every tensor in the file, read one at a time; the file is released at the end."""
@@ -243,7 +250,7 @@ class TensorFile:
       finally:
         reader.close()
     else:
-      state, mapped = torch_state_dict(self.path, self.key)
+      state, mapped = torch_state_dict(self.path, self.key, self.trusted)
       for name in list(state):
         yield self.prefix + name, lambda name=name: _copied(state.pop(name), mapped)
       del state  # the file's mapping goes with its last tensor

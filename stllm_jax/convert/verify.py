@@ -39,15 +39,17 @@ class SourceSpec:
   """What a checkpoint was converted from: a kind and its paths (`conversion.json`, or given by hand)."""
   kind: str
   paths: dict[str, str]
+  trust_pickle: bool = False  # lavis .pth files that also pickle Python objects
 
   @staticmethod
-  def resolve(ckpt: str, torch_dir: str = '', vit: str = '', instructblip: str = '', llm: str = '') -> 'SourceSpec':
+  def resolve(ckpt: str, torch_dir: str = '', vit: str = '', instructblip: str = '', llm: str = '',
+              trust_pickle: bool = False) -> 'SourceSpec':
     if not checkpoints.is_weights_dir(ckpt):
       raise UserError(f'{ckpt} is not a weights directory (model.json and params/); verify checks a conversion')
     if vit or instructblip or llm:
       if not (vit and instructblip and llm):
         raise UserError('a lavis source needs all of --vit, --instructblip and --llm')
-      return SourceSpec('lavis', {'vit': vit, 'instructblip': instructblip, 'llm': llm})
+      return SourceSpec('lavis', {'vit': vit, 'instructblip': instructblip, 'llm': llm}, trust_pickle)
     if torch_dir:
       sources.require_dir(torch_dir, '--torch')
       kind = sources.detect_kind(torch_dir)
@@ -59,7 +61,8 @@ class SourceSpec:
     if not info:
       raise UserError(f'{ckpt} does not record its source (no {checkpoints.CONVERSION_JSON}); give --torch DIR '
                       '(or --vit/--instructblip/--llm)')
-    return SourceSpec(info['kind'], {k: info[k] for k in ('source', 'vit', 'instructblip', 'llm') if k in info})
+    return SourceSpec(info['kind'], {k: info[k] for k in ('source', 'vit', 'instructblip', 'llm') if k in info},
+                      trust_pickle or bool(info.get('trust_pickle')))
 
 
 def random_batch(model_config: Any, num_frames: int, text_len: int, qformer_text_len: int,
@@ -128,7 +131,8 @@ def _reference_model(spec: SourceSpec, cfg: ml_collections.ConfigDict, round_bf1
     model = reference.hf_instructblip(sources.require_dir(spec.paths['source'], 'the source'), round_bf16)
     return model, {}
   if spec.kind == 'lavis':
-    prepared = sources.prepare_lavis(spec.paths['vit'], spec.paths['instructblip'], spec.paths['llm'], cfg)
+    prepared = sources.prepare_lavis(spec.paths['vit'], spec.paths['instructblip'], spec.paths['llm'], cfg,
+                                     trust_pickle=spec.trust_pickle)
     return reference.lavis_instructblip(prepared.tensors, cfg, '', round_bf16)
   if spec.kind == 'stllm':
     prepared = sources.prepare_stllm(spec.paths['source'], cfg)
