@@ -42,7 +42,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m stllm_jax.convert', description=__doc__.split('\n')[0],
+  parser = argparse.ArgumentParser(prog='python -m stllm_jax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
   p = commands.add_parser('hf-instructblip', help=SOURCE_HELP['hf-instructblip'])

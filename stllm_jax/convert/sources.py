@@ -326,10 +326,11 @@ def convert(prepared: Prepared, out: str, dtype: str = 'float32', mesh: str = ''
   shardings = mesh_shardings(cfg, template, mesh) if mesh else None
   for note in prepared.notes:
     log(f'note: {note}')
-  for which in ('llm', 'qformer'):
-    if which not in tokenizers and not (prepared.llm_only and which == 'qformer'):
-      log(f'warning: no {which} tokenizer (pass --{which}-tokenizer DIR); chat, evaluation and training on data '
-          f'need one in {out}/{checkpoints.TOKENIZERS_DIR}/{which}')
+  needs = f'chat, evaluation and training on data need it (saved in {out}/{checkpoints.TOKENIZERS_DIR}/'
+  if 'llm' not in tokenizers:
+    log(f'warning: the source has no LLM tokenizer; {needs}llm)')
+  if 'qformer' not in tokenizers and not prepared.llm_only:
+    log(f'warning: no Q-Former tokenizer (pass --qformer-tokenizer with a bert-base-uncased directory); {needs}qformer)')
   names = prepared.tensors.names()
   source_bytes = prepared.tensors.nbytes()
   log(f'reading {len(names)} tensors ({format_bytes(source_bytes)}) from {prepared.tensors.description}')
