@@ -1,9 +1,14 @@
 """Checkpoints on disk, in two kinds.
 
 Model weights (what the converter writes and training starts from, what chat and evaluation read):
-    DIR/model.json    the `config.model` the params belong to
-    DIR/params/       an orbax PyTree checkpoint of the (unboxed) param tree
-    DIR/tokenizers/   optional: `llm/` and `qformer/` Hugging Face tokenizer directories
+    DIR/model.json       the `config.model` the params belong to (their layout: scanned or not, dtypes)
+    DIR/params/          an orbax PyTree checkpoint of the (unboxed) param tree; written from sharded arrays
+                         (`convert --mesh`) its chunks are the shards, so each host of a job reads only its own
+    DIR/tokenizers/      optional: `llm/` and `qformer/` Hugging Face tokenizer directories
+    DIR/conversion.json  optional: where the weights came from (source kind and paths), for `convert verify`
+A weights directory may hold part of the model only (`convert hf-llama`: the `llm/` params); `load_model`
+names the missing parts. It is written under a temporary name and renamed when complete, so a directory
+with the final name is always whole.
 Training runs (`WORKDIR/checkpoints/<step>/`): an orbax CheckpointManager whose every step holds the
 train state (step, trainable params, optimizer state, PRNG key) and a JSON item (data-iterator state,
 a fingerprint of the frozen params, the config). Saves are atomic: orbax writes to a temporary name and
@@ -16,6 +21,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import flax
@@ -32,6 +38,8 @@ from stllm_jax.models import stllm
 MODEL_JSON = 'model.json'
 PARAMS_DIR = 'params'
 TOKENIZERS_DIR = 'tokenizers'
+CONVERSION_JSON = 'conversion.json'
+INCOMPLETE = '.incomplete-'  # infix of a directory being written
 
 
 # ---------------------------------------------------------------------------------------- model weights
@@ -40,15 +48,73 @@ def is_weights_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
 
 
-def save_weights(path: str, params: Any, model_config: dict) -> None:
-  """Writes `params` and the model config they belong to under `path` (which must not exist)."""
+def save_weights(path: str, params: Any, model_config: dict, *, tokenizers: dict[str, Any] | None = None,
+                 conversion: dict | None = None, shardings: Any = None,
+                 progress: Callable[[Any], Any] = lambda items: items) -> None:
+  """Writes a weights directory at `path` (which must not exist), atomically.
+
+  params: the (unboxed) param tree, numpy or jax arrays; numpy leaves are written straight from host memory
+    (one chunk per array). With `shardings` (a matching tree of NamedShardings) each leaf is first placed on
+    the mesh, replacing it in `params` itself, and written shard by shard (one chunk per shard).
+  tokenizers: {'llm' | 'qformer': a Hugging Face tokenizer} saved under tokenizers/.
+  conversion: what the weights were converted from (conversion.json).
+  """
   if os.path.exists(path):
     raise FileExistsError(f'{path} already exists; choose a new output directory')
-  os.makedirs(path)
-  with open(os.path.join(path, MODEL_JSON), 'w') as f:
-    json.dump(model_config, f, indent=2, sort_keys=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(os.path.join(path, PARAMS_DIR)), params)
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  staging = os.path.join(parent, f'{os.path.basename(os.path.abspath(path))}{INCOMPLETE}{os.getpid()}')
+  try:
+    os.makedirs(staging)
+    for name, tokenizer in (tokenizers or {}).items():
+      tokenizer.save_pretrained(os.path.join(staging, TOKENIZERS_DIR, name))
+    _write_json(os.path.join(staging, MODEL_JSON), model_config)
+    if conversion is not None:
+      _write_json(os.path.join(staging, CONVERSION_JSON), conversion)
+    if shardings is not None:
+      place_in_place(params, shardings, progress)
+    with ocp.Checkpointer(_weights_handler()) as checkpointer:
+      checkpointer.save(os.path.join(staging, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
+    os.rename(staging, path)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def _weights_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's PyTree handler, set up so that saving adds (almost) no host memory to the params themselves:
+  numpy leaves are written from their own memory (orbax's default deep-copies every one before writing) and
+  without zstd (which buffers a compressed copy; weights hardly compress). Readers need nothing special."""
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+  return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+
+
+def place_in_place(params: dict, shardings: Any, progress: Callable[[Any], Any] = lambda items: items) -> None:
+  """Replaces every leaf of the nested dict `params` by a jax array placed with the matching sharding (a
+  dropped host leaf is freed at once: the tree never exists twice)."""
+  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep='/')
+  for path in progress(list(flax.traverse_util.flatten_dict(params, sep='/'))):
+    *parents, leaf = path.split('/')
+    node = params
+    for key in parents:
+      node = node[key]
+    node[leaf] = jax.device_put(node[leaf], flat_shardings[path])
+
+
+def conversion_info(path: str) -> dict:
+  """conversion.json of a weights directory ({} if it has none)."""
+  info_path = os.path.join(path, CONVERSION_JSON)
+  if not os.path.isfile(info_path):
+    return {}
+  with open(info_path) as f:
+    return json.load(f)
 
 
 def read_model_config(path: str) -> dict:
@@ -66,15 +132,56 @@ def load_weights(path: str, abstract_params: Any) -> Any:
     return checkpointer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), abstract_params)
 
 
-def stored_param_shapes(path: str) -> dict[str, tuple[int, ...]]:
-  """{'a/b/kernel': shape} of a weights directory, read from its metadata (no tensor is loaded)."""
+def stored_param_metadata(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{'a/b/kernel': (shape, dtype)} of a weights directory, read from its metadata (no tensor is loaded)."""
   read_model_config(path)
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(os.path.abspath(os.path.join(path, PARAMS_DIR)))
   tree = getattr(metadata, 'item_metadata', metadata)
   tree = getattr(tree, 'tree', tree)
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path_): tuple(leaf.shape) for path_, leaf in leaves}
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path_): (tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path_, leaf in leaves}
+
+
+def stored_param_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """{'a/b/kernel': shape} of a weights directory, read from its metadata (no tensor is loaded)."""
+  return {k: shape for k, (shape, _) in stored_param_metadata(path).items()}
+
+
+def load_stored_params(path: str, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """Whatever params a weights directory holds (the whole model or a part), as stored, replicated on `mesh`."""
+  mesh = mesh or sharding.make_mesh('fsdp=1')
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+              for k, (shape, dtype) in stored_param_metadata(path).items()}
+  return load_weights(path, flax.traverse_util.unflatten_dict(abstract, sep='/'))
+
+
+def check_complete(path: str, model_config: Any) -> None:
+  """Raises a UserError naming what a weights directory lacks, has in excess or holds mis-shaped for the
+  model of its own model config."""
+  stored, expected = stored_param_shapes(path), model_param_shapes(model_config)
+  missing = sorted(set(expected) - set(stored))
+  extra = sorted(set(stored) - set(expected))
+  misshaped = sorted(f'{k} {list(stored[k])} vs {list(expected[k])}'
+                     for k in set(stored) & set(expected) if stored[k] != expected[k])
+  if missing or extra or misshaped:
+    problems = []
+    if missing:
+      problems.append(f'it lacks {len(missing)} params (of {", ".join(sorted({p.split("/")[0] for p in missing}))})')
+    if extra:
+      problems.append(f'{len(extra)} of its params are not in the model (e.g. {", ".join(extra[:3])})')
+    if misshaped:
+      problems.append(f'{len(misshaped)} are mis-shaped (e.g. {misshaped[0]})')
+    raise UserError(f'{path} does not hold the model its {MODEL_JSON} describes: {"; ".join(problems)}. '
+                    '(A `convert hf-llama` directory holds the LLM only.)')
+
+
+def model_param_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
+  """{'a/b/kernel': shape} of every param of the model `model_config` (nothing is allocated)."""
+  params = flax.linen.meta.unbox(stllm.abstract_variables(model_config))['params']
+  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(params, sep='/').items()}
 
 
 # ---------------------------------------------------------------------------------------- training runs
@@ -181,6 +288,7 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
   mesh = mesh or sharding.make_mesh('fsdp=1')
   if is_weights_dir(path):
     model = ml_collections.ConfigDict(read_model_config(path))
+    check_complete(path, model)
     shardings = sharding.param_shardings(stllm.abstract_variables(model), mesh)
     abstract = jax.tree_util.tree_map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                                       flax.linen.meta.unbox(stllm.abstract_variables(model))['params'], shardings)

@@ -5,6 +5,9 @@
 dict) and returns `(config.model as a ConfigDict, params)`. `load_hf_llama` does the same for a
 `LlamaForCausalLM` alone, returning `(config.model.llm, params of the Llama module)`. The architecture
 comes from the Hugging Face config; everything else (dtype, scan, remat, video input) from `base`.
+
+The other direction (`export-hf`, `verify`): `hf_instructblip_config(config.model)` and
+`hf_llama_config(config.model.llm)` give the Hugging Face configs of our models.
 """
 
 from __future__ import annotations
@@ -39,10 +42,14 @@ def _rope_theta(text: Mapping) -> float:
   return float(rope.get('rope_theta', text.get('rope_theta', 10000.0)))
 
 
+# Model types whose config.json is a LlamaConfig: LLaMA itself and the released ST-LLM checkpoints.
+LLAMA_MODEL_TYPES = ('llama', 'st_llm_hf')
+
+
 def llm_config_from_hf(text: Any, base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
   """A `LlamaConfig` (as a dict/HF config) -> our `config.model.llm`."""
   text = _as_dict(text)
-  if text.get('model_type', 'llama') != 'llama':
+  if text.get('model_type', 'llama') not in LLAMA_MODEL_TYPES:
     raise ValueError(f'the language model is a {text["model_type"]!r}; only LLaMA-family models convert')
   _require(text, 'hidden_act', ('silu',), 'text_config')
   _require(text, 'attention_bias', (False,), 'text_config')
@@ -88,6 +95,48 @@ def model_config_from_hf_instructblip(hf_config: Any,
   return cfg
 
 
+def rope_inv_freq_check(llm: Any):
+  """The check for `rotary_emb.inv_freq` buffers of LLaMA checkpoints saved by transformers < 4.31."""
+  llm = configlib.from_dict(llama.LlamaConfig, llm, 'model.llm')
+  return mappings.rope_inv_freq(llm.attention_head_dim, llm.rope_theta)
+
+
+def hf_llama_config(llm: Any) -> dict:
+  """Our `config.model.llm` -> a Hugging Face `LlamaConfig` as a dict (the `text_config` of InstructBLIP)."""
+  cfg = configlib.from_dict(llama.LlamaConfig, llm, 'model.llm')
+  return dict(model_type='llama', architectures=['LlamaForCausalLM'], vocab_size=cfg.vocab_size,
+              hidden_size=cfg.width, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim, intermediate_size=cfg.mlp_dim,
+              hidden_act='silu', rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_positions,
+              rope_parameters=dict(rope_type='default', rope_theta=cfg.rope_theta), rope_theta=cfg.rope_theta,
+              attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_word_embeddings,
+              dtype=cfg.param_dtype)
+
+
+def hf_instructblip_config(model: Any) -> dict:
+  """Our `config.model` -> a Hugging Face `InstructBlipConfig` as a dict.
+
+  Hugging Face applies `ln_vision` as the vision tower's `post_layernorm` with the vision eps, so a model
+  whose `ln_vision_eps` differs (LAVIS: 1e-5 against EVA's 1e-6) cannot say so here; callers note it.
+  """
+  cfg = stllm.model_config(model)
+  vision, qformer = cfg.vision, cfg.qformer
+  return dict(
+      model_type='instructblip', architectures=['InstructBlipForConditionalGeneration'],
+      num_query_tokens=qformer.num_query_tokens,
+      vision_config=dict(hidden_size=vision.width, intermediate_size=vision.mlp_dim, num_hidden_layers=vision.depth,
+                         num_attention_heads=vision.num_heads, image_size=vision.image_size,
+                         patch_size=vision.patch_size, hidden_act='gelu', layer_norm_eps=vision.layer_norm_eps,
+                         qkv_bias=vision.qkv_bias),
+      qformer_config=dict(hidden_size=qformer.width, num_hidden_layers=qformer.num_layers,
+                          num_attention_heads=qformer.num_heads, intermediate_size=qformer.mlp_dim,
+                          vocab_size=qformer.vocab_size, max_position_embeddings=qformer.max_positions,
+                          layer_norm_eps=qformer.layer_norm_eps, hidden_act='gelu',
+                          cross_attention_frequency=qformer.cross_attention_freq,
+                          encoder_hidden_size=vision.width, position_embedding_type='absolute'),
+      text_config=hf_llama_config(cfg.llm))
+
+
 def _untie(tensors: Mapping[str, Any], lm_head_name: str, tied: bool) -> tuple[dict, Any]:
   """With tied embeddings, a source `lm_head.weight` is the embedding again: set it aside to compare."""
   tensors = dict(tensors)
@@ -106,7 +155,8 @@ def load_hf_instructblip(state_dict: Mapping[str, Any], hf_config: Any,
   cfg = model_config_from_hf_instructblip(hf_config, base)
   tensors, lm_head = _untie(state_dict, 'language_model.lm_head.weight', cfg.llm.tie_word_embeddings)
   template = strict.abstract_leaves(stllm.abstract_variables(cfg))
-  params = strict.load_strict(tensors, mappings.hf_instructblip_rules(), template, source_name)
+  rules = mappings.hf_instructblip_rules(rope_inv_freq_check(cfg.llm))
+  params = strict.load_strict(tensors, rules, template, source_name)
   _check_tied(lm_head, params['llm']['embed']['embedding'], 'language_model.lm_head.weight')
   return cfg, params
 
@@ -120,6 +170,6 @@ def load_hf_llama(state_dict: Mapping[str, Any], hf_config: Any,
   llm_cfg = configlib.from_dict(llama.LlamaConfig, cfg, 'model.llm')
   llm_cfg.validate()
   template = strict.abstract_leaves(llama.abstract_variables(llm_cfg))
-  params = strict.load_strict(tensors, mappings.llama_rules('', ''), template, source_name)
+  params = strict.load_strict(tensors, mappings.llama_rules('', '', rope_inv_freq_check(cfg)), template, source_name)
   _check_tied(lm_head, params['embed']['embedding'], 'lm_head.weight')
   return cfg, params

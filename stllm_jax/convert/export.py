@@ -1,0 +1,226 @@
+"""Weights directory (or training workdir) -> a Hugging Face PyTorch directory: `convert export-hf CKPT OUT`.
+
+OUT holds what `InstructBlipForConditionalGeneration.from_pretrained(OUT)` reads: config.json and sharded
+safetensors with the vision tower, Q-Former, projection and the LLaMA (`language_model.*`), plus the LLM
+tokenizer (top level) and the Q-Former tokenizer (`qformer_tokenizer/`) when the weights have them. ST-LLM's
+own modules, which InstructBLIP lacks, go to a side file in ST-LLM's names (`stllm_heads.safetensors`:
+`mvm_decoder.*`, `down_proj.*`, `up_proj.*`) with `stllm_config.json` (video input, number of local frames,
+ln_vision eps). LoRA weights are merged into the kernels they adapt. An LLM-only directory (`convert
+hf-llama`) exports as a `LlamaForCausalLM` directory.
+
+Names come from the same rule tables as the import (`mappings`, each rule's `inverse`), the list of tensors
+from the Hugging Face model itself (built on the meta device), and the export is strict too: every
+Hugging Face tensor is produced and every one of our params is written exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import flax
+import jax
+import numpy as np
+
+from stllm_jax import checkpoints, configlib
+from stllm_jax.convert import hf, mappings, strict
+from stllm_jax.convert.tensor_files import format_bytes, write_safetensors
+from stllm_jax.errors import UserError
+from stllm_jax.models import llama, stllm
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
+HEADS_FILE = 'stllm_heads.safetensors'
+STLLM_CONFIG_FILE = 'stllm_config.json'
+
+
+class ReadOnce:
+  """Our unscanned params by path; remembers what was read, so an export can prove it wrote each once."""
+
+  def __init__(self, flat_params: dict[str, Any]):
+    self.view = strict.unscanned_view(flat_params)
+    self.shapes = strict.unscanned_template(flat_params)  # {path: (shape, dtype)}
+    self.reads: dict[str, int] = {}
+
+  def __call__(self, path: str) -> np.ndarray:
+    if path not in self.view:
+      raise ValueError(f'the weights have no {path}')
+    self.reads[path] = self.reads.get(path, 0) + 1
+    return self.view[path]()
+
+  def problems(self) -> list[str]:
+    unread = sorted(set(self.view) - set(self.reads))
+    twice = sorted(p for p, n in self.reads.items() if n > 1)
+    return ([f'not written anywhere: {p}' for p in unread[:20]] + (['...'] if len(unread) > 20 else [])
+            + [f'written more than once: {p}' for p in twice])
+
+
+def merge_lora(flat: dict[str, Any], llm_config: Any) -> dict[str, Any]:
+  """Kernels with their LoRA update added ((alpha / r) * A @ B); the LoRA leaves removed."""
+  cfg = configlib.from_dict(llama.LlamaConfig, llm_config, 'model.llm')
+  out = {k: v for k, v in flat.items() if '/lora/' not in k}
+  for path in [k for k in flat if k.endswith('/lora/a')]:
+    base = path[:-len('/lora/a')]
+    kernel, a, b = (np.asarray(flat[p]) for p in (f'{base}/kernel', path, f'{base}/lora/b'))
+    lead = a.ndim + b.ndim - 2 - kernel.ndim  # 1 for a scanned stack of layers, else 0
+    a2 = a.reshape(a.shape[:lead] + (-1, cfg.lora_rank)).astype(np.float32)
+    b2 = b.reshape(b.shape[:lead] + (cfg.lora_rank, -1)).astype(np.float32)
+    delta = np.matmul(a2, b2).reshape(kernel.shape) * (cfg.lora_alpha / cfg.lora_rank)
+    out[f'{base}/kernel'] = (kernel.astype(np.float32) + delta).astype(kernel.dtype)
+  return out
+
+
+def hf_tensor_specs(model_class: Any, config: Any) -> list[tuple[str, tuple[int, ...]]]:
+  """(name, shape) of every tensor of a Hugging Face model, from the model built on the meta device."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.device('meta'):
+    model = model_class(config)
+  tied = set()
+  if getattr(config.get_text_config(), 'tie_word_embeddings', False):
+    tied = {n for n in model.state_dict() if n.endswith('lm_head.weight')}
+  return [(name, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied]
+
+
+def plan_shards(specs: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list]:
+  """Consecutive groups of specs of at most `max_bytes` each (a bigger tensor gets a shard of its own)."""
+  shards, current, size = [], [], 0
+  for name, shape in specs:
+    nbytes = int(np.prod(shape)) * itemsize
+    if current and size + nbytes > max_bytes:
+      shards.append(current)
+      current, size = [], 0
+    current.append((name, shape))
+    size += nbytes
+  if current:
+    shards.append(current)
+  return shards
+
+
+def _load(ckpt: str) -> tuple[Any, dict[str, Any], dict[str, str], bool]:
+  """(config.model, flat params, tokenizer dirs, llm_only) of a weights directory or a training workdir."""
+  if not os.path.exists(ckpt):
+    raise UserError(f'{ckpt} does not exist')
+  if checkpoints.is_weights_dir(ckpt):
+    stored = checkpoints.stored_param_shapes(ckpt)
+    if {p.split('/')[0] for p in stored} == {'llm'}:
+      model = checkpoints.read_model_config(ckpt)
+      flat = flax.traverse_util.flatten_dict(checkpoints.load_stored_params(ckpt), sep='/')
+      tokenizer = os.path.join(ckpt, checkpoints.TOKENIZERS_DIR, 'llm')
+      return model, flat, {'llm': tokenizer if os.path.isdir(tokenizer) else ''}, True
+  loaded = checkpoints.load_model(ckpt)
+  return (loaded.model_config.to_dict(), flax.traverse_util.flatten_dict(loaded.params, sep='/'),
+          {'llm': loaded.llm_tokenizer, 'qformer': loaded.qformer_tokenizer}, False)
+
+
+def export_hf(ckpt: str, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str = '',
+              log: Callable[[str], None] = print, progress: Callable[..., Any] | None = None) -> dict[str, Any]:
+  """Writes the Hugging Face directory `out` (atomically); returns a summary."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  progress = progress or (lambda **kw: tqdm.tqdm(**kw))
+  if os.path.exists(out):
+    raise UserError(f'{out} already exists; choose a new output directory (nothing was written)')
+  model, flat, tokenizer_dirs, llm_only = _load(ckpt)
+  model_cfg = stllm.model_config(model)
+  flat = merge_lora(flat, model['llm'])
+  dtype = np.dtype(jax.numpy.dtype(dtype or model_cfg.llm.param_dtype))
+  if llm_only:
+    config = transformers.LlamaConfig(**hf.hf_llama_config(model['llm']))
+    model_class, rules = transformers.LlamaForCausalLM, mappings.llama_rules('', 'llm/')
+  else:
+    config = transformers.InstructBlipConfig(**{k: v for k, v in hf.hf_instructblip_config(model).items()
+                                                 if k != 'model_type'})
+    model_class, rules = transformers.InstructBlipForConditionalGeneration, mappings.hf_instructblip_rules()
+  specs = hf_tensor_specs(model_class, config)
+  get = ReadOnce({k: v for k, v in flat.items() if k.split('/')[0] not in mappings.STLLM_HEADS})
+  head_get = ReadOnce({k: v for k, v in flat.items() if k.split('/')[0] in mappings.STLLM_HEADS})
+  heads = mappings.stllm_head_tensors({k: tuple(v.shape) for k, v in flat.items()})
+  produce = lambda name, shape: mappings.export_tensor(rules, name, shape, get)
+  _dry_run(specs, produce, get)
+  _dry_run(heads, lambda name, shape: mappings.export_tensor(mappings.stllm_head_rules(''), name, shape, head_get),
+           head_get)
+
+  parent = os.path.dirname(os.path.abspath(out))
+  staging = os.path.join(parent, f'{os.path.basename(os.path.abspath(out))}{checkpoints.INCOMPLETE}{os.getpid()}')
+  total = sum(int(np.prod(shape)) for _, shape in specs + heads) * dtype.itemsize
+  try:
+    os.makedirs(staging)
+    config.dtype = str(dtype)
+    config.save_pretrained(staging)
+    bar = progress(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc='writing')
+    _write_shards(staging, specs, shape_of=dict(specs), produce=produce, dtype=dtype, max_bytes=max_shard_bytes,
+                  on_tensor=bar.update)
+    if heads:
+      shapes = dict(heads)
+      write_safetensors(os.path.join(staging, HEADS_FILE), [(n, s, dtype) for n, s in heads],
+                        lambda n: mappings.export_tensor(mappings.stllm_head_rules(''), n, shapes[n], head_get),
+                        {'format': 'pt'}, on_tensor=bar.update)
+    bar.close()
+    if not llm_only:
+      _write_stllm_config(staging, model_cfg, bool(heads))
+    _copy_tokenizers(staging, tokenizer_dirs)
+    os.rename(staging, out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  if not llm_only and model_cfg.ln_vision_eps != model_cfg.vision.layer_norm_eps:
+    log(f'note: Hugging Face applies ln_vision as post_layernorm with eps {model_cfg.vision.layer_norm_eps:g}; this '
+        f'model uses {model_cfg.ln_vision_eps:g} (set model.vision_model.post_layernorm.eps after loading; '
+        f'{STLLM_CONFIG_FILE} records it)')
+  log(f'wrote {len(specs) + len(heads)} tensors ({format_bytes(total)}, {dtype}) to {out}')
+  return dict(tensors=len(specs) + len(heads), bytes=total)
+
+
+def _dry_run(specs: list[tuple[str, tuple[int, ...]]], produce: Callable, get: ReadOnce) -> None:
+  """Maps every name to our params without reading any values: fails before anything is written."""
+  problems = []
+  real_view = get.view
+  get.view = {p: (lambda shape=shape, dtype=dtype: np.broadcast_to(np.zeros((), dtype), shape))
+              for p, (shape, dtype) in get.shapes.items()}
+  try:
+    for name, shape in specs:
+      try:
+        array = produce(name, shape)
+        if tuple(array.shape) != tuple(shape):
+          problems.append(f'{name}: our params give shape {list(array.shape)}, Hugging Face expects {list(shape)}')
+      except ValueError as err:
+        problems.append(f'{name}: {err}')
+    problems += get.problems()
+  finally:
+    get.view, get.reads = real_view, {}
+  if problems:
+    raise UserError('the weights do not map onto the Hugging Face layout:\n  ' + '\n  '.join(problems))
+
+
+def _write_shards(directory: str, specs, shape_of, produce, dtype, max_bytes, on_tensor) -> None:
+  shards = plan_shards(specs, dtype.itemsize, max_bytes)
+  names = (['model.safetensors'] if len(shards) == 1 else
+           [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
+  weight_map, total = {}, 0
+  for filename, shard in zip(names, shards):
+    total += write_safetensors(os.path.join(directory, filename), [(n, s, dtype) for n, s in shard],
+                               lambda n: produce(n, shape_of[n]), {'format': 'pt'}, on_tensor=on_tensor)
+    weight_map.update({n: filename for n, _ in shard})
+  if len(shards) > 1:
+    with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as f:
+      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+
+
+def _write_stllm_config(directory: str, model_cfg: stllm.STLLMConfig, has_heads: bool) -> None:
+  info = dict(video_input=model_cfg.video_input, num_local_frames=model_cfg.num_local_frames,
+              global_mlp_dim=model_cfg.global_mlp_dim, mvm_head=model_cfg.mvm_head, mvm_norm_eps=model_cfg.mvm_norm_eps,
+              ln_vision_eps=model_cfg.ln_vision_eps, heads_file=HEADS_FILE if has_heads else None,
+              note='ST-LLM puts the visual tokens first: [V : text]. ln_vision is vision_model.post_layernorm with '
+                   'eps ln_vision_eps. down_proj/up_proj (global-local) add up(relu(down(mean over frames))) to '
+                   'each local frame\'s tokens; mvm_decoder is a training-only head.')
+  with open(os.path.join(directory, STLLM_CONFIG_FILE), 'w') as f:
+    json.dump(info, f, indent=2)
+
+
+def _copy_tokenizers(directory: str, tokenizer_dirs: dict[str, str]) -> None:
+  """LLM tokenizer files at the top level, the Q-Former's under qformer_tokenizer/ (Hugging Face's layout)."""
+  for which, source in tokenizer_dirs.items():
+    if source and os.path.isdir(source):
+      target = directory if which == 'llm' else os.path.join(directory, 'qformer_tokenizer')
+      shutil.copytree(source, target, dirs_exist_ok=True)
