@@ -186,7 +186,8 @@ def preflight(config: Any) -> None:
   if init and not os.path.isdir(init):
     problems.append(f'initial weights {init!r} not found. Convert the released weights first, e.g.\n'
                     f'    python -m stllm_jax.convert lavis --vit eva_vit_g.pth '
-                    f'--instructblip instruct_blip_vicuna7b_trimmed.pth --llm vicuna-7b-v1.1/ --out {init}\n'
+                    f'--instructblip instruct_blip_vicuna7b_trimmed.pth --llm vicuna-7b-v1.1/ '
+                    f'--qformer-tokenizer bert-base-uncased/ --out {init}\n'
                     f'  (README "Weights"), or set --config.init.checkpoint="" to start from random weights')
   if not uses_random_data(config):
     problems.extend(data_problems(config.data))

@@ -132,12 +132,6 @@ def _not_a_weight(local: str, name: str, prefix: str, depth: int) -> bool:
   return bool(block) and int(block.group(1)) >= depth  # EVA-ViT-g's block 39, which BLIP-2 does not use
 
 
-def st_llm_local_frames(num_frames: int, num_local: int) -> list[int]:
-  """ST-LLM's `get_residual_index`: int(seg / 2 + round(seg * i)) with seg = frames / local frames."""
-  seg = num_frames / num_local
-  return [int(seg / 2 + np.round(seg * i)) for i in range(num_local)]
-
-
 def visual_tokens(model: Any, heads: dict[str, Any], model_config: Any, batch: dict[str, np.ndarray]):
   """The visual tokens V [B, Nv, D] of ST-LLM, computed with the Hugging Face modules."""
   torch = _torch()
@@ -161,7 +155,7 @@ def visual_tokens(model: Any, heads: dict[str, Any], model_config: Any, batch: d
       global_tokens = tokens.mean(dim=1)
       down = torch.nn.functional.linear(global_tokens, heads['down_proj.weight'], heads['down_proj.bias'])
       residual = torch.nn.functional.linear(torch.relu(down), heads['up_proj.weight'], heads['up_proj.bias'])
-      tokens = tokens[:, st_llm_local_frames(t, cfg.num_local_frames)] + residual[:, None]
+      tokens = tokens[:, list(stllm.local_frame_indices(t, cfg.num_local_frames))] + residual[:, None]
     return tokens.reshape(b, -1, tokens.shape[-1])
 
 

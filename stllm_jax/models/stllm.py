@@ -85,10 +85,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def local_frame_indices(num_frames: int, num_local: int) -> np.ndarray:
-  """Middles of `num_local` equal segments of `num_frames` frames (64 -> 16: 2, 6, ..., 62)."""
+  """Middles of `num_local` equal segments of `num_frames` frames (64 -> 16: 2, 6, ..., 62).
+
+  The released model's formula, int(seg / 2 + round(seg * i)) with seg = num_frames / num_local (its
+  `get_residual_index`); it differs from int((i + 0.5) * seg) by one frame for some counts (T=20 -> 5).
+  """
   if num_frames < num_local:
     raise ValueError(f'global_local input needs at least num_local_frames={num_local} frames, got {num_frames}')
-  return ((np.arange(num_local) + 0.5) * (num_frames / num_local)).astype(np.int32)
+  seg = num_frames / num_local
+  return np.array([int(seg / 2 + np.round(seg * i)) for i in range(num_local)], np.int32)
 
 
 def check_batch(batch: Mapping[str, Any]) -> None:
