@@ -123,14 +123,20 @@ def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.Gradient
 def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int, trainable_shardings: Any,
                mesh: jax.sharding.Mesh) -> TrainState:
   """A fresh TrainState placed on `mesh`: params and their Adam moments sharded alike, scalars replicated."""
+  shardings = state_shardings(trainable, tx, trainable_shardings, mesh)
+  make = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                   rng=jax.random.key_data(jax.random.key(seed)))
+  return jax.jit(make, out_shardings=shardings)(trainable)
+
+
+def state_shardings(trainable: Any, tx: optax.GradientTransformation, trainable_shardings: Any,
+                    mesh: jax.sharding.Mesh) -> TrainState:
+  """The TrainState's shardings (`trainable` may be abstract): Adam moments as their params, scalars replicated."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, trainable),
                                         trainable_shardings, transform_non_params=lambda _: replicated,
                                         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  shardings = TrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings, rng=replicated)
-  make = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                   rng=jax.random.key_data(jax.random.key(seed)))
-  return jax.jit(make, out_shardings=shardings)(trainable)
+  return TrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings, rng=replicated)
 
 
 # ------------------------------------------------------------------------------------------ the loss

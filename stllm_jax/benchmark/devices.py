@@ -1,0 +1,69 @@
+"""What the benchmark knows about the device: its bf16 dense peak (for MFU) and its peak memory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+# bf16 dense peaks in TFLOP/s (vendor data sheets, no sparsity); matched in order on device_kind.
+PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (('H100', 'PCIE'), 756.0),
+    (('H100',), 989.0),
+    (('H200',), 989.0),
+    (('A100',), 312.0),
+    (('TPU V5 LITE',), 197.0),
+    (('TPU V5E',), 197.0),
+    (('TPU V5P',), 459.0),
+    (('TPU V5',), 459.0),
+    (('TPU V4',), 275.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The bf16 dense peak of a device kind ('NVIDIA H100 80GB HBM3', 'TPU v5 lite', ...), None if unknown (CPU)."""
+  kind = device_kind.upper()
+  for needles, peak in PEAK_BF16_TFLOPS:
+    if all(n in kind for n in needles):
+      return peak
+  return None
+
+
+def describe() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return {'platform': device.platform, 'device_kind': device.device_kind, 'device_count': jax.device_count(),
+          'host_cpu': cpu_model_name(), 'host_cores': len(os.sched_getaffinity(0)),
+          'peak_bf16_tflops': peak_tflops(device.device_kind)}
+
+
+def cpu_model_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return 'unknown'
+
+
+def peak_memory_bytes() -> int | None:
+  """Peak bytes in use on device 0 since start (GPU/TPU); None where the runtime keeps no statistics (CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+  """compiled.memory_analysis() as bytes per device: arguments, outputs, aliased, temporaries, code."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  fields = {'argument_bytes': 'argument_size_in_bytes', 'output_bytes': 'output_size_in_bytes',
+            'alias_bytes': 'alias_size_in_bytes', 'temp_bytes': 'temp_size_in_bytes',
+            'generated_code_bytes': 'generated_code_size_in_bytes'}
+  out = {name: int(getattr(analysis, attr, 0) or 0) for name, attr in fields.items()}
+  # Donated inputs alias outputs: they are counted once.
+  out['total_bytes'] = (out['argument_bytes'] + out['output_bytes'] - out['alias_bytes'] + out['temp_bytes']
+                        + out['generated_code_bytes'])
+  return out

@@ -1,0 +1,145 @@
+"""The benchmark's commands on the tiny config (no timing assertions), its FLOP counter against a hand
+count, the memory plan's per-device bytes, and its one-line errors."""
+
+import json
+import os
+
+import pytest
+
+from stllm_jax.benchmark import cli, flops
+from stllm_jax.models import stllm
+
+TINY = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
+ONE_DEVICE = '--config.mesh=fsdp=1'
+
+
+def run(tmp_path, *argv):
+  out = str(tmp_path / 'result.json')
+  result = cli.main([*argv, '--out', out])
+  with open(out) as f:
+    assert json.load(f)['command'] == argv[0]
+  return result
+
+
+def check_train(result, steps):
+  assert result['setup']['steps'] == steps
+  assert result['compiled_programs'] >= 1
+  assert result['step_time']['median_s'] > 0 and result['step_time']['n'] >= 1
+  assert result['tokens_per_s'] > 0 and result['frames_per_s'] > 0
+  assert result['flops_per_step_analytic_mean'] > 0
+  cost = result['cost_check']
+  assert cost['xla_flops'] > 0 and 0.5 < cost['analytic_over_xla'] < 1.5
+  assert result['tflops_per_s'] > 0
+  assert result['mfu'] is None  # CPU: no peak in the table
+  assert cost['memory_analysis']['total_bytes'] > 0
+
+
+def test_train_two_steps(tmp_path, report):
+  result = run(tmp_path, 'train', '--config', TINY, '--steps', '2', '--mask-rate', '0.5', ONE_DEVICE)
+  check_train(result, 2)
+  assert result['setup']['mvm'] and all(r['n_keep'] < 32 for r in result['steps_log'])
+  report('benchmark (tiny, 2 steps, smoke only)',
+         f"train: analytic / XLA FLOPs {result['cost_check']['analytic_over_xla']:.3f}")
+
+
+def test_train_against_torch_two_steps(tmp_path):
+  result = run(tmp_path, 'train', '--config', TINY, '--steps', '2', '--mask', 'off', '--against', 'torch', ONE_DEVICE)
+  check_train(result, 2)
+  assert not result['setup']['mvm']  # the A/B runs without MVM on both sides
+  assert all(r['n_keep'] == 32 and r['torch_s'] > 0 for r in result['steps_log'])
+  assert result['torch']['jax_over_torch_median'] > 0
+
+
+def test_generate_against_torch(tmp_path):
+  result = run(tmp_path, 'generate', '--config', TINY, '--frames', '2', '--new-tokens', '4', '--repeats', '1',
+               '--against', 'torch', ONE_DEVICE)
+  assert result['setup']['prefix_len'] == 2 * 8 + 32
+  for side in ('jax', 'torch'):
+    assert result[side]['prefill_s'] > 0 and result[side]['total_s'] > 0
+  assert result['decode_speedup_over_torch'] > 0
+  assert result['prefill_flops'] > 0
+
+
+def test_plan_per_device_bytes_add_up(tmp_path):
+  result = run(tmp_path, 'plan', '--config', TINY, '--mesh', 'fsdp=8', '--batch-size', '16', '--grad-accum', '2',
+               '--text-len', '24')
+  assert result['devices'] == 8 and result['micro_batch_per_device'] == 1
+  trainable, per_device = result['trainable_params_total_bytes'], result['trainable_params_bytes_per_device']
+  # Every matrix of the tiny model splits 8 ways along `embed`; only norms and biases are replicated.
+  assert trainable / 8 <= per_device < 1.1 * trainable / 8
+  assert result['optimizer_state_bytes_per_device'] >= 2 * per_device  # Adam's two moments (+ the count)
+  assert result['gradients_bytes_per_device'] == per_device
+  analysis = result['memory_analysis']
+  inputs = (per_device + result['frozen_params_bytes_per_device'] + result['optimizer_state_bytes_per_device']
+            + result['batch_bytes_per_device'])
+  assert 0 <= analysis['argument_bytes'] - inputs <= 64  # + the step counter and the PRNG key
+  assert analysis['temp_bytes'] > 0
+  assert result['fits'] == {'40GiB': True, '80GiB': True}
+
+
+def test_flops_match_a_hand_count():
+  """configs/tiny.py: batch 2, 4 frames of 56x56 (16 patches + CLS = 17 tokens), Q-Former text 8, LLM text 16,
+  13 of the 32 visual tokens kept, MVM on. Every matmul written out; 2 FLOPs per multiply-add."""
+  from stllm_jax import configlib  # pylint: disable=g-import-not-at-top
+  cfg = stllm.model_config(configlib.load_config_file(TINY).model)
+  frames = 2 * 4
+  # EVA-ViT per frame: width 64, 2 blocks, MLP 128, 17 tokens, bidirectional attention.
+  patch_embed = 2 * 16 * (14 * 14 * 3) * 64
+  vit_block = (2 * 17 * 64 * (3 * 64)  # qkv
+               + 2 * 17 * 17 * 64  # scores
+               + 2 * 17 * 17 * 64  # values
+               + 2 * 17 * 64 * 64  # out
+               + 2 * 17 * 64 * 128  # fc1
+               + 2 * 17 * 128 * 64)  # fc2
+  vision = frames * (patch_embed + 2 * vit_block)
+  # Q-Former per frame: width 48, 2 layers, FFN 96, 8 queries + 8 text tokens; cross-attention in layer 0 only.
+  self_attention = 4 * (2 * 16 * 48 * 48) + 2 * (2 * 16 * 16 * 48)
+  cross_attention = (2 * 8 * 48 * 48  # query
+                     + 2 * 17 * 64 * 48  # key from the 17 image tokens of width 64
+                     + 2 * 17 * 64 * 48  # value
+                     + 2 * (2 * 8 * 17 * 48)  # scores and values
+                     + 2 * 8 * 48 * 48)  # out
+  ffns = 2 * (2 * 8 * 48 * 96) + 2 * (2 * 8 * 48 * 96)  # query FFN on 8, text FFN on 8
+  qformer = frames * (2 * (self_attention + ffns) + cross_attention)
+  projection = frames * 8 * (2 + 2) * 48 * 64  # forward + weight gradient (its input is frozen)
+  # LLaMA: width 64, 4 heads of 16, 2 KV heads, MLP 128, 2 layers; sequence 13 + 16 = 29; training = 3x forward.
+  per_token_layer = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128)
+  llm = 2 * 3 * 29 * 2 * per_token_layer
+  attention = 2 * 3 * 2 * (2 * 29 * 29 * 64 + 2 * 29 * 29 * 64) // 2  # causal: half of scores and values
+  lm_head = 2 * 3 * 16 * 2 * 64 * 256  # text positions only
+  mvm_head = 2 * 3 * 13 * 2 * 64 * 64
+  teacher = 2 * (32 * 2 * per_token_layer + 2 * (2 * 32 * 32 * 64 + 2 * 32 * 32 * 64) // 2)
+  expected = vision + qformer + projection + llm + attention + lm_head + mvm_head + teacher
+  got = flops.train_step_flops(cfg, batch_size=2, num_frames=4, text_len=16, qformer_text_len=8, n_keep=13, mvm=True)
+  assert got['vision_forward'] == vision
+  assert got['qformer_forward'] == qformer
+  assert got['llm_train'] + got['llm_attention_train'] == llm + attention
+  assert got['teacher_forward'] == teacher
+  assert got['total'] == expected
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['bogus'], "unknown subcommand 'bogus'"),
+    ([], 'unknown subcommand'),
+    (['train', '--config', 'configs/missing.py'], 'does not exist'),
+    (['plan', '--config', TINY, '--mesh', 'fsdp=two'], 'bad mesh spec'),
+    (['train', '--config', TINY, '--config.train.nope=1'], 'no field'),
+])
+def test_errors_are_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and err.startswith('error:') and len(err.splitlines()) == 1, err
+
+
+def test_peak_table_matches_device_kinds():
+  from stllm_jax.benchmark import devices  # pylint: disable=g-import-not-at-top
+  assert devices.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert devices.peak_tflops('NVIDIA H100 PCIe') == 756.0
+  assert devices.peak_tflops('NVIDIA A100-SXM4-80GB') == 312.0
+  assert devices.peak_tflops('NVIDIA H200') == 989.0
+  assert devices.peak_tflops('TPU v4') == 275.0
+  assert devices.peak_tflops('TPU v5 lite') == 197.0
+  assert devices.peak_tflops('TPU v5p') == 459.0
+  assert devices.peak_tflops('cpu') is None
