@@ -47,6 +47,30 @@ class VisionConfig:
       raise ValueError(f'{where}.image_size={self.image_size} is not a multiple of {where}.patch_size={self.patch_size}')
 
 
+class PatchEmbed(nn.Module):
+  """images [N, H, W, C] -> patch embeddings [N, (H/p)*(W/p), D], row-major over the grid.
+
+  The stride-p, p x p convolution of EVA's patch embedding written as one matmul over reshaped patches
+  (same params as `nn.Conv`: kernel [p, p, C, D], bias [D]). Same result; its gradient is far cheaper than a
+  convolution's inside the scanned micro-batches of a train step on XLA:CPU (measured 50x).
+  """
+  width: int
+  patch_size: int
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, images: Array) -> Array:
+    n, h, w, c = images.shape
+    p = self.patch_size
+    kernel = self.param('kernel', layers.param_init(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+                        (p, p, c, self.width), self.param_dtype)
+    bias = self.param('bias', layers.param_init(nn.initializers.zeros, ('embed',)), (self.width,), self.param_dtype)
+    patches = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, c)  # [N, gy, p, gx, p, C]
+    out = jnp.einsum('nyaxbc,abcd->nyxd', patches, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return out.reshape(n, (h // p) * (w // p), self.width)
+
+
 class VisionAttention(nn.Module):
   config: VisionConfig
   dtype: Dtype
@@ -101,11 +125,7 @@ class EVAViT(nn.Module):
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
       raise ValueError(f'the vision tower takes images [N, {cfg.image_size}, {cfg.image_size}, 3] '
                        f'(channels-last), got shape {tuple(images.shape)}')
-    patches = nn.Conv(cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding='VALID',
-                      dtype=self.dtype, param_dtype=pdt, name='patch_embed',
-                      kernel_init=layers.param_init(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-                      bias_init=layers.param_init(nn.initializers.zeros, ('embed',)))(images.astype(self.dtype))
-    patches = patches.reshape(images.shape[0], -1, cfg.width)  # [N, 256, D], row-major over the grid
+    patches = PatchEmbed(cfg.width, cfg.patch_size, self.dtype, pdt, name='patch_embed')(images)  # [N, 256, D]
     init = layers.param_init(nn.initializers.normal(0.02), (None, None, 'embed'))
     cls_token = self.param('cls_token', init, (1, 1, cfg.width), pdt).astype(self.dtype)
     pos_embed = self.param('pos_embed', init, (1, cfg.num_tokens, cfg.width), pdt).astype(self.dtype)
