@@ -35,9 +35,11 @@ def check_train(result, steps):
 
 
 def test_train_two_steps(tmp_path, report):
-  result = run(tmp_path, 'train', '--config', TINY, '--steps', '2', '--mask-rate', '0.5', ONE_DEVICE)
+  result = run(tmp_path, 'train', '--config', TINY, '--steps', '2', '--mask', 'both', '--mask-rate', '0.5', ONE_DEVICE)
   check_train(result, 2)
-  assert result['setup']['mvm'] and all(r['n_keep'] < 32 for r in result['steps_log'])
+  assert result['setup']['mvm'] and all(r['n_keep'] == 18 and r['unmasked_s'] > 0 for r in result['steps_log'])
+  assert result['compiled_programs'] == 2 <= result['bucket_combinations'] == 4 * 2  # (13, 18, 23, 32) x (16, 24)
+  assert result['unmasked']['masked_over_unmasked_median'] > 0
   report('benchmark (tiny, 2 steps, smoke only)',
          f"train: analytic / XLA FLOPs {result['cost_check']['analytic_over_xla']:.3f}")
 

@@ -29,7 +29,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   common.add_argument('--threads', type=int, default=0, help='torch threads (default: the cores this process may use)')
   train = sub.add_parser('train', parents=[common], help='time the train step')
   train.add_argument('--steps', type=int, default=10)
-  train.add_argument('--mask', choices=('on', 'off'), default='on', help='dynamic masking (off: every visual token)')
+  train.add_argument('--mask', choices=('on', 'off', 'both'), default='on',
+                     help='dynamic masking; off: every visual token; both: each batch masked, then unmasked (A/B)')
   train.add_argument('--mask-rate', type=float, default=None, help='one fixed mask rate instead of the random ones')
   train.add_argument('--against', choices=('torch',), default=None, help='alternate with the PyTorch reference')
   gen = sub.add_parser('generate', parents=[common], help='time prefill and greedy decoding')

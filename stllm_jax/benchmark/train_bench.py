@@ -150,6 +150,12 @@ def run(config: Any, *, steps: int, mask: str, mask_rate: float | None, against:
               'flops': step_flops(model_cfg, train_cfg, host_batch, n_keep)['total'],
               'tokens': host_batch['frames'].shape[0] * (n_keep + host_batch['input_ids'].shape[1]),
               'frames': host_batch['frames'].shape[0] * host_batch['frames'].shape[1]}
+    if mask == 'both':  # the same batch again, every visual token kept: the masked / unmasked A/B
+      programs_before = step.compiled_programs(trainer.jitted)
+      began = time.perf_counter()
+      trainer(host_batch, num_visual)
+      record['unmasked_s'] = time.perf_counter() - began
+      record['unmasked_compiled'] = step.compiled_programs(trainer.jitted) > programs_before
     if reference is not None:
       began = time.perf_counter()
       record['torch_loss'] = reference(host_batch, n_keep)
@@ -159,14 +165,25 @@ def run(config: Any, *, steps: int, mask: str, mask_rate: float | None, against:
       cost = {'batch': {k: list(v.shape) for k, v in host_batch.items()}, 'n_keep': n_keep,
               'analytic': step_flops(model_cfg, train_cfg, host_batch, n_keep)}
       cost.update(xla_cost_and_memory(config, trainer.mesh, host_batch, n_keep))
-  return summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads)
+  return summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads, trainer.jitted)
 
 
-def summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads) -> dict[str, Any]:
-  steady = [r for r in records[1:] if not r['compiled']] or [r for r in records if not r['compiled']]
+def bucket_combinations(config: Any, model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConfig) -> int:
+  """(kept-token buckets) x (text buckets): the most train-step programs a run may compile."""
+  num_visual = model_cfg.num_visual_tokens(config.data.num_frames)
+  keep = len(masking.bucket_sizes(num_visual, train_cfg.masking)) if train_cfg.masking.enabled else 1
+  return keep * len(config.data.text_buckets)
+
+
+def summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads,
+              jitted) -> dict[str, Any]:
+  steady = [r for r in records[1:] if not (r['compiled'] or r.get('unmasked_compiled'))]
   jax_spread = report.spread([r['jax_s'] for r in steady])
   median = jax_spread['median_s']
   compile_s = sum(max(r['jax_s'] - median, 0.0) for r in records if r['compiled']) if median == median else None
+  if mask == 'both' and compile_s is not None:
+    unmasked_median = report.spread([r['unmasked_s'] for r in steady])['median_s']
+    compile_s += sum(max(r['unmasked_s'] - unmasked_median, 0.0) for r in records if r['unmasked_compiled'])
   seconds = sum(r['jax_s'] for r in steady)
   info = devices.describe()
   result = {
@@ -176,7 +193,8 @@ def summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, agai
                 'mask': mask, 'fixed_mask_rate': mask_rate, 'mvm': train_cfg.mvm_weight > 0,
                 'dtype': model_cfg.dtype, 'remat_llm': model_cfg.llm.remat_policy, 'steps': len(records),
                 'torch_threads': threads if against else None},
-      'compile_s': compile_s, 'compiled_programs': int(sum(r['compiled'] for r in records)),
+      'compile_s': compile_s, 'compiled_programs': step.compiled_programs(jitted),
+      'bucket_combinations': bucket_combinations(config, model_cfg, train_cfg),
       'step_time': jax_spread, 'tokens_per_s': sum(r['tokens'] for r in steady) / seconds if steady else None,
       'frames_per_s': sum(r['frames'] for r in steady) / seconds if steady else None,
       'flops_per_step_analytic_mean': float(np.mean([r['flops'] for r in steady])) if steady else None,
@@ -185,6 +203,11 @@ def summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, agai
       'steps_log': records,
   }
   result.update(flops.achieved(sum(r['flops'] for r in steady), seconds, info['peak_bf16_tflops']))
+  if mask == 'both':
+    ratios = [r['jax_s'] / r['unmasked_s'] for r in steady]
+    result['unmasked'] = {'step_time': report.spread([r['unmasked_s'] for r in steady]),
+                          'masked_over_unmasked_median': float(np.median(ratios)) if ratios else None,
+                          'masked_over_unmasked_spread': report.spread(ratios)}
   if against == 'torch':
     pairs = [r for r in steady if 'torch_s' in r]
     ratios = [r['jax_s'] / r['torch_s'] for r in pairs]
@@ -203,7 +226,8 @@ def table(result: dict[str, Any]) -> str:
                  f"({result['device']['host_cpu']}, {result['device']['host_cores']} cores)"),
       ('setup', ', '.join(f'{k}={v}' for k, v in result['setup'].items() if v is not None)),
       ('compile time (sum over new shapes)', report.ms(result['compile_s'])),
-      ('compiled train-step programs', str(result['compiled_programs'])),
+      ('compiled train-step programs (bucket combinations)',
+       f"{result['compiled_programs']} ({result['bucket_combinations']})"),
       ('step time median (p10 / p90), steady', f"{report.ms(s['median_s'])} ({report.ms(s['p10_s'])} / "
                                                f"{report.ms(s['p90_s'])}), n={s['n']}"),
       ('tokens/s (kept visual + text)', report.rate(result['tokens_per_s'], 'tokens/s')),
@@ -219,6 +243,11 @@ def table(result: dict[str, Any]) -> str:
        f"{report.gib(analysis.get('total_bytes'))} (args {report.gib(analysis.get('argument_bytes'))}, "
        f"temp {report.gib(analysis.get('temp_bytes'))})"),
   ]
+  if 'unmasked' in result:
+    u = result['unmasked']
+    rows += [('unmasked step median (p10 / p90), same batches', f"{report.ms(u['step_time']['median_s'])} "
+              f"({report.ms(u['step_time']['p10_s'])} / {report.ms(u['step_time']['p90_s'])})"),
+             ('masked / unmasked step time (median of per-step ratios)', f"{u['masked_over_unmasked_median']:.3f}")]
   if 'torch' in result:
     t = result['torch']
     rows += [('PyTorch reference step median (p10 / p90)', f"{report.ms(t['step_time']['median_s'])} "
