@@ -211,10 +211,22 @@ def summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, agai
   if against == 'torch':
     pairs = [r for r in steady if 'torch_s' in r]
     ratios = [r['jax_s'] / r['torch_s'] for r in pairs]
+    quiet = quiet_ratios(pairs, 'jax_s', 'torch_s')
     result['torch'] = {'step_time': report.spread([r['torch_s'] for r in pairs]),
                        'jax_over_torch_median': float(np.median(ratios)) if ratios else None,
-                       'jax_over_torch_spread': report.spread(ratios)}
+                       'jax_over_torch_spread': report.spread(ratios),
+                       'jax_over_torch_quiet_median': float(np.median(quiet)) if quiet else None,
+                       'quiet_pairs': len(quiet)}
   return result
+
+
+def quiet_ratios(pairs: list[dict], a: str, b: str, slack: float = 1.2) -> list[float]:
+  """a / b over the pairs where neither side ran more than `slack` x its own fastest step: on a shared
+  host, the steps that other load did not slow down."""
+  if not pairs:
+    return []
+  fastest_a, fastest_b = min(r[a] for r in pairs), min(r[b] for r in pairs)
+  return [r[a] / r[b] for r in pairs if r[a] <= slack * fastest_a and r[b] <= slack * fastest_b]
 
 
 def table(result: dict[str, Any]) -> str:
@@ -252,5 +264,8 @@ def table(result: dict[str, Any]) -> str:
     t = result['torch']
     rows += [('PyTorch reference step median (p10 / p90)', f"{report.ms(t['step_time']['median_s'])} "
               f"({report.ms(t['step_time']['p10_s'])} / {report.ms(t['step_time']['p90_s'])})"),
-             ('JAX / PyTorch step time (median of per-step ratios)', f"{t['jax_over_torch_median']:.3f}")]
+             ('JAX / PyTorch step time (median of per-step ratios)', f"{t['jax_over_torch_median']:.3f}"),
+             ('JAX / PyTorch, quiet steps only (both within 1.2x of their fastest)',
+              'n/a' if t['jax_over_torch_quiet_median'] is None else
+              f"{t['jax_over_torch_quiet_median']:.3f} (n={t['quiet_pairs']})")]
   return report.markdown_table(rows)
