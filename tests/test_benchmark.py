@@ -53,12 +53,14 @@ def test_train_against_torch_two_steps(tmp_path):
 
 
 def test_generate_against_torch(tmp_path):
-  result = run(tmp_path, 'generate', '--config', TINY, '--frames', '2', '--new-tokens', '4', '--repeats', '1',
+  result = run(tmp_path, 'generate', '--config', TINY, '--frames', '2', '--new-tokens', '16', '--repeats', '2',
                '--against', 'torch', ONE_DEVICE)
   assert result['setup']['prefix_len'] == 2 * 8 + 32
   for side in ('jax', 'torch'):
     assert result[side]['prefill_s'] > 0 and result[side]['total_s'] > 0
-  assert result['decode_speedup_over_torch'] > 0
+  # None only where timer noise exceeds 15 tokens of decoding (a loaded host); no timing is asserted
+  assert result['decode_speedup_over_torch'] is None or result['decode_speedup_over_torch'] > 0
+  assert result['prefill_speedup_over_torch'] > 0
   assert result['prefill_flops'] > 0
 
 

@@ -106,8 +106,10 @@ def run(config: Any, *, frames: int, new_tokens: int, batch: int, prompt_len: in
                       'new_tokens': new_tokens, 'repeats': repeats, 'dtype': model_cfg.dtype,
                       'torch_threads': threads if against else None},
             'prefill_flops': flops.prefill_flops(model_cfg, batch, prefix), **measured}
-  if 'torch' in measured and measured['torch']['decode_tokens_per_s'] and jax_side['decode_tokens_per_s']:
-    result['decode_speedup_over_torch'] = jax_side['decode_tokens_per_s'] / measured['torch']['decode_tokens_per_s']
+  if 'torch' in measured:  # None where time(N) <= time(1): too few tokens for the timer's noise
+    both = measured['torch']['decode_tokens_per_s'] and jax_side['decode_tokens_per_s']
+    result['decode_speedup_over_torch'] = (jax_side['decode_tokens_per_s'] / measured['torch']['decode_tokens_per_s']
+                                           if both else None)
     result['prefill_speedup_over_torch'] = measured['torch']['prefill_s'] / jax_side['prefill_s']
   return result
 
@@ -124,6 +126,8 @@ def table(result: dict[str, Any]) -> str:
                (f'{label}: decode', report.rate(side['decode_tokens_per_s'], 'tokens/s'))]
   rows.append(('stllm_jax compile (first calls minus steady)', report.ms(result['jax']['compile_s'])))
   if 'decode_speedup_over_torch' in result:
-    rows += [('decode tokens/s, stllm_jax / Hugging Face', f"{result['decode_speedup_over_torch']:.2f}x"),
+    speedup = result['decode_speedup_over_torch']
+    rows += [('decode tokens/s, stllm_jax / Hugging Face',
+              'n/a (time(N) <= time(1): use more --new-tokens)' if speedup is None else f'{speedup:.2f}x'),
              ('prefill latency, Hugging Face / stllm_jax', f"{result['prefill_speedup_over_torch']:.2f}x")]
   return report.markdown_table(rows)
