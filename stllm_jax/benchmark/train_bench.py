@@ -109,7 +109,9 @@ def xla_cost_and_memory(config: Any, mesh: jax.sharding.Mesh, host_batch: dict[s
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {'program': 'the train step itself' if variant is config else
           'unrolled variant (scan_layers=False, grad_accum_steps=1; same FLOPs, other memory)',
-          'xla_flops': float(cost.get('flops', float('nan'))), 'compile_s': time.perf_counter() - began,
+          # cost_analysis counts one device's partition of the SPMD program: x devices for the whole step
+          'xla_flops_per_device': float(cost.get('flops', float('nan'))),
+          'xla_flops': float(cost.get('flops', float('nan'))) * mesh.size, 'compile_s': time.perf_counter() - began,
           'memory_analysis': devices.compiled_memory(compiled)}
 
 
@@ -165,7 +167,8 @@ def run(config: Any, *, steps: int, mask: str, mask_rate: float | None, against:
       cost = {'batch': {k: list(v.shape) for k, v in host_batch.items()}, 'n_keep': n_keep,
               'analytic': step_flops(model_cfg, train_cfg, host_batch, n_keep)}
       cost.update(xla_cost_and_memory(config, trainer.mesh, host_batch, n_keep))
-  return summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads, trainer.jitted)
+  return summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads, trainer.jitted,
+                   trainer.mesh.size)
 
 
 def bucket_combinations(config: Any, model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConfig) -> int:
@@ -175,8 +178,8 @@ def bucket_combinations(config: Any, model_cfg: stllm.STLLMConfig, train_cfg: st
   return keep * len(config.data.text_buckets)
 
 
-def summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads,
-              jitted) -> dict[str, Any]:
+def summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads, jitted,
+              num_devices: int) -> dict[str, Any]:
   steady = [r for r in records[1:] if not (r['compiled'] or r.get('unmasked_compiled'))]
   jax_spread = report.spread([r['jax_s'] for r in steady])
   median = jax_spread['median_s']
@@ -202,7 +205,9 @@ def summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, agai
       'peak_memory_bytes': devices.peak_memory_bytes(),
       'steps_log': records,
   }
-  result.update(flops.achieved(sum(r['flops'] for r in steady), seconds, info['peak_bf16_tflops']))
+  peak = info['peak_bf16_tflops'] and info['peak_bf16_tflops'] * num_devices  # the mesh's devices together
+  result.update(flops.achieved(sum(r['flops'] for r in steady), seconds, peak))
+  result['mesh_devices'] = num_devices
   if mask == 'both':
     ratios = [r['jax_s'] / r['unmasked_s'] for r in steady]
     result['unmasked'] = {'step_time': report.spread([r['unmasked_s'] for r in steady]),
