@@ -28,6 +28,8 @@ class VisionConfig:
   layer_norm_eps: float = 1e-6
   qkv_bias: bool = True  # EVA's separate q_bias and v_bias
   param_dtype: str = 'float32'
+  init_std: float = 0.02  # std of fresh Dense kernels (BERT/LLaMA's 0.02; larger for tiny from-scratch towers)
+  embed_init_std: float = 0.02  # std of the fresh CLS token and position embedding
   scan_layers: bool = True
   remat_policy: str = 'none'
 
@@ -82,7 +84,7 @@ class VisionAttention(nn.Module):
     pdt = layers.as_dtype(cfg.param_dtype)
     heads = (cfg.num_heads, cfg.head_dim)
     qkv = layers.dense((3, *heads), ('embed', None, 'heads', 'head_dim'), use_bias=False, name='qkv',
-                       dtype=self.dtype, param_dtype=pdt)(x)  # [N, P, 3, H, hd]
+                       dtype=self.dtype, param_dtype=pdt, init_std=cfg.init_std)(x)  # [N, P, 3, H, hd]
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cfg.qkv_bias:
       bias_init = layers.param_init(nn.initializers.zeros, ('heads', 'head_dim'))
@@ -91,7 +93,7 @@ class VisionAttention(nn.Module):
     out = layers.attention(query, key, value, None, self.attention_impl)  # [N, P, H, hd]
     out = layers.constrain(out, ('activation_batch', 'activation_length', 'activation_heads', None))
     return layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), name='out',
-                        dtype=self.dtype, param_dtype=pdt)(out)
+                        dtype=self.dtype, param_dtype=pdt, init_std=cfg.init_std)(out)
 
 
 class VisionBlock(nn.Module):
@@ -105,9 +107,11 @@ class VisionBlock(nn.Module):
     pdt = layers.as_dtype(cfg.param_dtype)
     norm = lambda name: layers.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=pdt, name=name)
     x = x + VisionAttention(cfg, self.dtype, self.attention_impl, name='attn')(norm('norm1')(x))
-    h = layers.dense(cfg.mlp_dim, ('embed', 'mlp'), name='fc1', dtype=self.dtype, param_dtype=pdt)(norm('norm2')(x))
+    dense = lambda features, axes, name: layers.dense(features, axes, name=name, dtype=self.dtype, param_dtype=pdt,
+                                                      init_std=cfg.init_std)
+    h = dense(cfg.mlp_dim, ('embed', 'mlp'), 'fc1')(norm('norm2')(x))
     h = nn.gelu(layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp')), approximate=False)
-    x = x + layers.dense(cfg.width, ('mlp', 'embed'), name='fc2', dtype=self.dtype, param_dtype=pdt)(h)
+    x = x + dense(cfg.width, ('mlp', 'embed'), 'fc2')(h)
     return layers.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), None
 
 
@@ -126,7 +130,7 @@ class EVAViT(nn.Module):
       raise ValueError(f'the vision tower takes images [N, {cfg.image_size}, {cfg.image_size}, 3] '
                        f'(channels-last), got shape {tuple(images.shape)}')
     patches = PatchEmbed(cfg.width, cfg.patch_size, self.dtype, pdt, name='patch_embed')(images)  # [N, 256, D]
-    init = layers.param_init(nn.initializers.normal(0.02), (None, None, 'embed'))
+    init = layers.param_init(nn.initializers.normal(cfg.embed_init_std), (None, None, 'embed'))
     cls_token = self.param('cls_token', init, (1, 1, cfg.width), pdt).astype(self.dtype)
     pos_embed = self.param('pos_embed', init, (1, cfg.num_tokens, cfg.width), pdt).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls_token, (images.shape[0], 1, cfg.width)), patches], axis=1)

@@ -110,10 +110,10 @@ class LoRA(nn.Module):
 
 def dense(features, axes: Sequence[str | None], *, name: str | None = None, dtype: Dtype, param_dtype: Dtype,
           axis: int | tuple[int, ...] = -1, use_bias: bool = True, lora_rank: int = 0,
-          lora_alpha: float = 16.0) -> Dense:
-  """A `Dense` (keyword shorthand used by the towers)."""
-  return Dense(features, tuple(axes), axis, use_bias, dtype, param_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
-               name=name)
+          lora_alpha: float = 16.0, init_std: float = 0.02) -> Dense:
+  """A `Dense` (keyword shorthand used by the towers); kernels start as normal(init_std)."""
+  return Dense(features, tuple(axes), axis, use_bias, dtype, param_dtype, nn.initializers.normal(init_std),
+               lora_rank=lora_rank, lora_alpha=lora_alpha, name=name)
 
 
 class LayerNorm(nn.Module):

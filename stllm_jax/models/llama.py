@@ -38,6 +38,7 @@ class LlamaConfig:
   max_positions: int = 2048
   tie_word_embeddings: bool = False
   param_dtype: str = 'float32'
+  init_std: float = 0.02  # std of fresh Dense kernels (BERT/LLaMA's 0.02; larger for tiny from-scratch towers)
   scan_layers: bool = True
   remat_policy: str = 'none'
   # LoRA (the paper's low-memory variant): rank 0 = off; targets among query, key, value, out, gate, up, down
@@ -127,7 +128,7 @@ class LlamaAttention(nn.Module):
     hd = cfg.attention_head_dim
     project = lambda name, n_heads, axis: layers.dense(
         (n_heads, hd), ('embed', axis, 'head_dim'), use_bias=False, name=name, dtype=self.dtype,
-        param_dtype=pdt, **cfg.lora(name))(x)
+        param_dtype=pdt, **cfg.lora(name), init_std=cfg.init_std)(x)
     query = rotary_embedding(project('query', cfg.num_heads, 'heads'), positions, cfg.rope_theta)
     key = rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta)
     value = project('value', cfg.num_kv_heads, 'kv_heads')
@@ -138,7 +139,7 @@ class LlamaAttention(nn.Module):
       key, value = new_cache = (write(layer_cache[0], key), write(layer_cache[1], value))  # [B, S, Hkv, hd]
     out = layers.attention(query, key, value, mask, self.attention_impl)  # [B, L, H, hd]
     return layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), use_bias=False, name='out',
-                        dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'))(out), new_cache
+                        dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'), init_std=cfg.init_std)(out), new_cache
 
 
 class LlamaMLP(nn.Module):
@@ -150,11 +151,11 @@ class LlamaMLP(nn.Module):
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
     up = lambda name: layers.dense(cfg.mlp_dim, ('embed', 'mlp'), use_bias=False, name=name, dtype=self.dtype,
-                                   param_dtype=pdt, **cfg.lora(name))(x)
+                                   param_dtype=pdt, **cfg.lora(name), init_std=cfg.init_std)(x)
     h = nn.silu(up('gate')) * up('up')
     h = layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))
     return layers.dense(cfg.width, ('mlp', 'embed'), use_bias=False, name='down', dtype=self.dtype,
-                        param_dtype=pdt, **cfg.lora('down'))(h)
+                        param_dtype=pdt, **cfg.lora('down'), init_std=cfg.init_std)(h)
 
 
 class LlamaBlock(nn.Module):
@@ -191,7 +192,7 @@ class Llama(nn.Module):
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=pdt)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=self.dtype,
-                                  param_dtype=pdt)
+                                  param_dtype=pdt, init_std=cfg.init_std)
 
   def embed_tokens(self, input_ids: Array) -> Array:  # [B, L] -> [B, L, D]
     return self.embed(input_ids)

@@ -30,6 +30,7 @@ class QFormerConfig:
   cross_attention_freq: int = 2
   num_query_tokens: int = 32
   param_dtype: str = 'float32'
+  init_std: float = 0.02  # std of fresh Dense kernels (BERT/LLaMA's 0.02; larger for tiny from-scratch towers)
 
   @property
   def head_dim(self) -> int:
@@ -56,11 +57,11 @@ class BertAttention(nn.Module):
     heads = (cfg.num_heads, cfg.head_dim)
     context_axis = 'source_embed' if self.cross else 'embed'
     project = lambda name, axis, y: layers.dense(heads, (axis, 'heads', 'head_dim'), name=name,
-                                                 dtype=self.dtype, param_dtype=pdt)(y)
+                                                 dtype=self.dtype, param_dtype=pdt, init_std=cfg.init_std)(y)
     out = layers.attention(project('query', 'embed', x), project('key', context_axis, context),
                            project('value', context_axis, context), mask, self.attention_impl)
     out = layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), name='out',
-                       dtype=self.dtype, param_dtype=pdt)(out)
+                       dtype=self.dtype, param_dtype=pdt, init_std=cfg.init_std)(out)
     return layers.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=pdt, name='norm')(x + out)
 
 
@@ -73,9 +74,10 @@ class BertFeedForward(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
-    h = nn.gelu(layers.dense(cfg.mlp_dim, ('embed', 'mlp'), name='fc1', dtype=self.dtype, param_dtype=pdt)(x),
-                approximate=False)
-    out = layers.dense(cfg.width, ('mlp', 'embed'), name='fc2', dtype=self.dtype, param_dtype=pdt)(h)
+    dense = lambda features, axes, name: layers.dense(features, axes, name=name, dtype=self.dtype, param_dtype=pdt,
+                                                      init_std=cfg.init_std)
+    h = nn.gelu(dense(cfg.mlp_dim, ('embed', 'mlp'), 'fc1')(x), approximate=False)
+    out = dense(cfg.width, ('mlp', 'embed'), 'fc2')(h)
     return layers.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=pdt, name='norm')(x + out)
 
 

@@ -123,15 +123,17 @@ class STLLM(nn.Module):
     self.ln_vision = layers.LayerNorm(cfg.ln_vision_eps, dtype=dtype, param_dtype=layers.as_dtype(cfg.vision.param_dtype))
     self.qformer = QFormer(cfg.qformer, dtype, impl)
     self.projection = layers.dense(cfg.llm.width, ('source_embed', 'embed'), dtype=dtype,
-                                   param_dtype=layers.as_dtype(cfg.llm.param_dtype))
+                                   param_dtype=layers.as_dtype(cfg.llm.param_dtype), init_std=cfg.llm.init_std)
     self.llm = Llama(cfg.llm, dtype, impl)
     pdt = layers.as_dtype(cfg.llm.param_dtype)
     if cfg.video_input == 'global_local':
-      self.global_down = layers.dense(cfg.global_mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt)
+      self.global_down = layers.dense(cfg.global_mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt,
+                                      init_std=cfg.llm.init_std)
       self.global_up = layers.Dense(cfg.llm.width, ('mlp', 'embed'), dtype=dtype, param_dtype=pdt,
                                     kernel_init=nn.initializers.zeros)  # f_m starts at zero
     if cfg.mvm_head:
-      self.mvm_dense = layers.dense(cfg.llm.width, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt)
+      self.mvm_dense = layers.dense(cfg.llm.width, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt,
+                                    init_std=cfg.llm.init_std)
       self.mvm_norm = layers.LayerNorm(cfg.mvm_norm_eps, dtype=dtype, param_dtype=pdt)
 
   def encode_frames(self, frames: Array, qformer_input_ids: Array, qformer_attention_mask: Array) -> Array:
