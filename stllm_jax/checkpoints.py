@@ -17,13 +17,15 @@ renames when complete, so a killed run never leaves a half-written step that loo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from absl import logging as absl_logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -273,6 +275,17 @@ def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
   return flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in flat_fresh.items()}, sep='/')
 
 
+@contextlib.contextmanager
+def _orbax_quiet() -> Iterator[None]:
+  """Hides orbax's warning that a checkpoint opened read-only is read-only (it is meant to be)."""
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
+
+
 @dataclasses.dataclass
 class LoadedModel:
   model_config: ml_collections.ConfigDict  # config.model
@@ -300,8 +313,9 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
                           f'training workdir with a checkpoint (in {run_dir}/)')
   if not os.path.isdir(run_dir):  # checked first: opening a manager would create the directory
     raise not_a_model
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-  with ocp.CheckpointManager(os.path.abspath(run_dir), options=options, item_names=('state', 'extra')) as manager:
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+  with _orbax_quiet(), ocp.CheckpointManager(os.path.abspath(run_dir), options=options,
+                                             item_names=('state', 'extra')) as manager:
     latest = manager.latest_step()
     if latest is None:
       raise not_a_model
