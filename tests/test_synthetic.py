@@ -152,3 +152,18 @@ def test_tiny_model_runs_on_a_synthetic_batch(built):
   k = model_config.qformer.num_query_tokens
   assert logits.shape == (2, 4 * k + batch['input_ids'].shape[1], model_config.llm.vocab_size)
   assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_question_forms_and_shape_sizes_are_chosen(tmp_path):
+  out = str(tmp_path / 'open')
+  info = synthetic.build(out, **dict(SMALL, train_pairs=2, test_pairs=1), radius_range=(0.2, 0.25),
+                         train_forms=('open',))
+  assert info['train_forms'] == ['open'] and info['radius_range'] == [0.2, 0.25]
+  train_forms = {synthetic.question_form(qa) for row in read_json(out, 'train.json') for qa in row['QA']}
+  test_forms = {synthetic.question_form(qa) for row in read_json(out, 'test.json') for qa in row['QA']}
+  assert train_forms == {'open'} and test_forms == set(synthetic.QUESTION_FORMS)
+  frames = synthetic.moving_shape_frames('square', 'red', 'left', 4, 48, np.random.default_rng(0), (0.2, 0.25))
+  side = (np.abs(frames[0].astype(int) - synthetic.BACKGROUND).sum(-1) > 60).any(0).sum()  # square's width
+  assert 2 * 0.85 * int(48 * 0.2) <= side <= 2 * 0.85 * int(48 * 0.25) + 1
+  with pytest.raises(ValueError, match='train_forms'):
+    synthetic.build(str(tmp_path / 'bad'), **SMALL, train_forms=('essay',))

@@ -43,6 +43,8 @@ OPPOSITE = {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}
 BACKGROUND = (30, 30, 30)
 MC_INSTRUCTION = ('Carefully watch the video and pay attention to the movement of objects. '
                   'Select the best option that accurately addresses the question.')
+RADIUS_RANGE = (1 / 10, 1 / 7)  # shape radius, as a fraction of the frame size
+QUESTION_FORMS = ('multiple_choice', 'open')
 MVBENCH_TASKS = {'Moving Direction': 'moving_direction.json', 'Moving Attribute': 'moving_attribute.json'}
 
 
@@ -63,13 +65,18 @@ def shape_mask(shape: str, size: int, radius: int, centre: tuple[float, float]) 
 
 
 def moving_shape_frames(shape: str, colour: str, direction: str, num_frames: int, size: int,
-                        rng: np.random.Generator) -> np.ndarray:
+                        rng: np.random.Generator, radius_range: tuple[float, float] = RADIUS_RANGE) -> np.ndarray:
   """uint8 [num_frames, size, size, 3]: the shape crossing the frame in `direction`."""
-  radius = int(rng.integers(size // 10, size // 7 + 1))
+  radius = int(rng.integers(int(size * radius_range[0]), int(size * radius_range[1]) + 1))
   margin = radius + 2
   dy, dx = DIRECTIONS[direction]
   across = float(rng.uniform(margin, size - margin))  # position on the axis perpendicular to the motion
-  start, stop = margin, size - margin
+  # The path covers a random part of the frame (at least half of it), so that where a subset of the frames
+  # lies (e.g. without the last one) says nothing about the direction.
+  span = size - 2 * margin
+  length = float(rng.uniform(0.5, 1.0)) * span
+  start = margin + float(rng.uniform(0.0, span - length))
+  stop = start + length
   frames = np.empty((num_frames, size, size, 3), np.uint8)
   for t in range(num_frames):
     along = start + (stop - start) * t / max(num_frames - 1, 1)
@@ -132,25 +139,32 @@ def attribute_qa(shape: str, colour: str, rng: np.random.Generator) -> list[dict
 # ----------------------------------------------------------------------------------------- the set
 
 
-def _make_pair(rng: np.random.Generator, num_frames: int, size: int):
+def _make_pair(rng: np.random.Generator, num_frames: int, size: int, radius_range: tuple[float, float]):
   shape = SHAPES[int(rng.integers(len(SHAPES)))]
   colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
   direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
-  frames = moving_shape_frames(shape, colour, direction, num_frames, size, rng)
+  frames = moving_shape_frames(shape, colour, direction, num_frames, size, rng, radius_range)
   return shape, colour, direction, frames
 
 
+def question_form(qa: dict[str, str]) -> str:
+  """'multiple_choice' (with the instruction and lettered options) or 'open'."""
+  return 'multiple_choice' if qa['i'] else 'open'
+
+
 def build_split(out: str, split: str, num_pairs: int, rng: np.random.Generator, num_frames: int, size: int,
-                fps: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """Writes a split's videos; returns (VideoChat2 rows, per-video facts)."""
+                fps: int, radius_range: tuple[float, float] = RADIUS_RANGE,
+                forms: tuple[str, ...] = QUESTION_FORMS) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Writes a split's videos; returns (VideoChat2 rows with the question `forms` asked, per-video facts)."""
   rows, facts = [], []
+  keep = lambda qas: [qa for qa in qas if question_form(qa) in forms]
   for pair in range(num_pairs):
-    shape, colour, direction, frames = _make_pair(rng, num_frames, size)
+    shape, colour, direction, frames = _make_pair(rng, num_frames, size, radius_range)
     for twin, twin_frames, twin_direction in (('a', frames, direction), ('b', frames[::-1], OPPOSITE[direction])):
       name = f'{split}_{pair:04d}_{twin}.mp4'
       write_mp4(os.path.join(out, 'videos', name), twin_frames, fps)
-      rows.append(dict(video=name, QA=direction_qa(shape, colour, twin_direction, rng)))
-      rows.append(dict(video=name, QA=attribute_qa(shape, colour, rng)))
+      rows.append(dict(video=name, QA=keep(direction_qa(shape, colour, twin_direction, rng))))
+      rows.append(dict(video=name, QA=keep(attribute_qa(shape, colour, rng))))
       facts.append(dict(video=name, shape=shape, colour=colour, direction=twin_direction, pair=pair, twin=twin))
   return rows, facts
 
@@ -188,15 +202,23 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def build(out: str, seed: int = 0, train_pairs: int = 48, test_pairs: int = 16, num_frames: int = 16,
-          size: int = 64, fps: int = 8, llm_vocab_size: int = 256, qformer_vocab_size: int = 128) -> dict[str, Any]:
-  """Writes the whole set under `out` (replacing what the generator wrote there before); returns info."""
+          size: int = 64, fps: int = 8, llm_vocab_size: int = 256, qformer_vocab_size: int = 128,
+          radius_range: tuple[float, float] = RADIUS_RANGE,
+          train_forms: tuple[str, ...] = QUESTION_FORMS) -> dict[str, Any]:
+  """Writes the whole set under `out` (replacing what the generator wrote there before); returns info.
+
+  `train_forms` picks the question forms of train.json (test.json always has both).
+  """
+  unknown = set(train_forms) - set(QUESTION_FORMS)
+  if unknown or not train_forms:
+    raise ValueError(f'train_forms must be a non-empty subset of {QUESTION_FORMS}, got {train_forms}')
   began = time.perf_counter()
   for sub in ('videos', 'tokenizers', 'mvbench'):
     shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
   os.makedirs(os.path.join(out, 'videos'))
   rng = np.random.default_rng(seed)
-  train_rows, _ = build_split(out, 'train', train_pairs, rng, num_frames, size, fps)
-  test_rows, test_facts = build_split(out, 'test', test_pairs, rng, num_frames, size, fps)
+  train_rows, _ = build_split(out, 'train', train_pairs, rng, num_frames, size, fps, radius_range, tuple(train_forms))
+  test_rows, test_facts = build_split(out, 'test', test_pairs, rng, num_frames, size, fps, radius_range)
   _write_json(os.path.join(out, 'train.json'), train_rows)
   _write_json(os.path.join(out, 'test.json'), test_rows)
   _write_json(os.path.join(out, 'test_facts.json'), test_facts)
@@ -218,6 +240,7 @@ def build(out: str, seed: int = 0, train_pairs: int = 48, test_pairs: int = 16, 
   qformer_dir = tiny_tokenizers.build_qformer_tokenizer(os.path.join(out, 'tokenizers', 'qformer'), corpus,
                                                         qformer_vocab_size)
   info = dict(seed=seed, train_pairs=train_pairs, test_pairs=test_pairs, num_frames=num_frames, size=size, fps=fps,
+              radius_range=list(radius_range), train_forms=list(train_forms),
               train_rows=len(train_rows), test_rows=len(test_rows), videos=2 * (train_pairs + test_pairs),
               llm_vocab=len(conversation.load_llm_tokenizer.__wrapped__(llm_dir)),
               qformer_vocab=len(conversation.load_qformer_tokenizer.__wrapped__(qformer_dir)),
