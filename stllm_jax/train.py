@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from stllm_jax import checkpoints, masking, sharding, step
+from stllm_jax import checkpoints, demo, masking, sharding, step
 from stllm_jax.data import pipeline
 from stllm_jax.data.errors import DataError
 from stllm_jax.data.random_batches import RandomBatches
@@ -53,7 +53,10 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join('runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
       FLAGS['config'])))[0])
   try:
-    train(FLAGS.config, workdir)
+    if 'demo' in FLAGS.config:  # configs/demo.py: data, training, evaluation and the claims' tables
+      demo.run(FLAGS.config, workdir, train)
+    else:
+      train(FLAGS.config, workdir)
   except (UserError, DataError) as error:
     exit_with(error)
 
