@@ -1,7 +1,7 @@
 """Chat with ST-LLM about a video, in the terminal.
 
     python -m stllm_jax.chat --checkpoint CKPT --video FILE [--prompt TEXT] [--frames auto|fps|fps:4-16|N|global_local]
-        [--max-new-tokens 300] [--num-beams 1] [--sample --temperature 1.0 --top-p 0.9] [--repetition-penalty 1.0]
+        [--max-new-tokens N] [--num-beams 1] [--sample --temperature 1.0 --top-p 0.9] [--repetition-penalty 1.0]
 
 With `--prompt` it answers once and exits; otherwise it reads questions from standard input until an empty
 input at end of file, `exit` or `quit` (`/reset` forgets the conversation). The history stays in the
@@ -13,6 +13,7 @@ model takes 64 segment middles). The frames used (count, timestamps) and the spe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Callable, TextIO
@@ -24,6 +25,8 @@ from stllm_jax.data import conversation, inference, video
 from stllm_jax.data.errors import SampleError
 from stllm_jax.errors import UserError, exit_with
 
+DEFAULT_MAX_NEW_TOKENS = 300
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m stllm_jax.chat', description=__doc__.split('\n\n')[0])
@@ -31,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--video', required=True, help='video file (mp4, webm, mkv, avi, gif) or a folder of frames')
   parser.add_argument('--prompt', help='answer this one question and exit')
   parser.add_argument('--frames', default='auto', help='auto | fps | fps:LOW-HIGH | N (fixed) | global_local')
-  parser.add_argument('--max-new-tokens', type=int, default=300)
+  parser.add_argument('--max-new-tokens', type=int, default=0,
+                      help=f'answer length limit (default {DEFAULT_MAX_NEW_TOKENS}, fewer if the model\'s positions run out)')
   parser.add_argument('--num-beams', type=int, default=1)
   parser.add_argument('--sample', action='store_true', help='sample (temperature, top-p) instead of greedy')
   parser.add_argument('--temperature', type=float, default=1.0)
@@ -45,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def generation_config(args: argparse.Namespace) -> generate.GenerationConfig:
   config = generate.GenerationConfig(
-      max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
+      max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, num_beams=args.num_beams, do_sample=args.sample,
       temperature=args.temperature, top_p=args.top_p if args.sample else 1.0,
       repetition_penalty=args.repetition_penalty, min_new_tokens=1)
   try:
@@ -90,14 +94,20 @@ class Conversation:
   """The history of one chat about one video."""
 
   def __init__(self, generator: generate.VideoGenerator, frames: np.ndarray, config: generate.GenerationConfig,
-               seed: int = 0):
+               seed: int = 0, fit_length: bool = False):
     self.generator, self.frames, self.config, self.seed = generator, frames, config, seed
+    self.fit_length = fit_length  # shorten max_new_tokens to the positions the model has left
     self.history: list[tuple[str, str]] = []
 
   def ask(self, question: str) -> tuple[str, generate.GenerationStats]:
     prompt_ids = conversation.encode_turns(self.generator.llm_tokenizer, conversation.chat_turns(self.history, question))
     request = generate.Request(self.frames, question, prompt_ids)
-    (result,), stats = self.generator.generate([request], self.config, self.seed + len(self.history))
+    config = self.config
+    if self.fit_length:
+      prompt_tokens = self.generator.config.num_visual_tokens(self.frames.shape[0]) + len(prompt_ids)
+      room = self.generator.max_positions - prompt_tokens
+      config = dataclasses.replace(config, max_new_tokens=max(1, min(config.max_new_tokens, room)))
+    (result,), stats = self.generator.generate([request], config, self.seed + len(self.history))
     self.history.append((question, result.text))
     return result.text, stats
 
@@ -114,7 +124,7 @@ def run(args: argparse.Namespace, read_line: Callable[[], str | None], out: Text
     raise UserError(str(e)) from e
   loaded = load_frames(args.video, policy, cfg.vision.image_size)
   print(describe_frames(args.video, loaded, policy), file=out, flush=True)
-  chat = Conversation(generator, loaded.frames, config, args.seed)
+  chat = Conversation(generator, loaded.frames, config, args.seed, fit_length=not args.max_new_tokens)
   questions = [args.prompt] if args.prompt is not None else iter(read_line, None)
   for question in questions:
     question = question.strip()

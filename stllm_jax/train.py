@@ -104,6 +104,12 @@ def train(config: Any, workdir: str) -> dict:
     data.set_state(extra['data'])
     log(f'resumed from step {start} in {run.directory}')
   start = int(state.step)
+  if start >= total_steps:
+    run.close()
+    if hasattr(data, 'close'):
+      data.close()
+    log(f'{workdir} is trained already ({start} of {total_steps} steps); nothing to do')
+    return {}
 
   # The state keeps its shardings from step to step, so each bucket compiles exactly once.
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
