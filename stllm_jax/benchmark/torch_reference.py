@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from stllm_jax.convert import hf
+from stllm_jax.convert import hf, reference
 from stllm_jax.models.stllm import STLLMConfig
 
 
@@ -33,13 +33,13 @@ class TorchTrainStep:
         **{k: v for k, v in hf.hf_instructblip_config(model_cfg).items() if k != 'model_type'})
     dtype = torch.bfloat16 if model_cfg.dtype == 'bfloat16' else torch.float32
     model = transformers.InstructBlipForConditionalGeneration(config).to(dtype).eval()
-    self.vision, self.qformer, self.query_tokens = model.vision_model, model.qformer, model.query_tokens
+    self.towers = model  # its vision_model, qformer and query_tokens run without gradient
     self.projection, self.lm = model.language_projection, model.language_model
     if not isinstance(self.lm, transformers.LlamaForCausalLM):
       raise TypeError(f'expected InstructBLIP language_model to be LlamaForCausalLM, got {type(self.lm).__name__}')
-    for module in (self.vision, self.qformer):
+    for module in (model.vision_model, model.qformer):
       module.requires_grad_(False)
-    self.query_tokens.requires_grad_(False)
+    model.query_tokens.requires_grad_(False)
     self.num_query_tokens = model_cfg.qformer.num_query_tokens
     self.dtype = dtype
     trainable = list(self.lm.parameters()) + list(self.projection.parameters())
@@ -49,19 +49,9 @@ class TorchTrainStep:
 
   def visual_tokens(self, batch: Mapping[str, np.ndarray]):
     """[B, T*K, D], the frozen towers without gradient, the projection with."""
-    torch = self.torch
-    frames = batch['frames']
-    b, t = frames.shape[:2]
+    b, t = batch['frames'].shape[:2]
     k = self.num_query_tokens
-    with torch.no_grad():
-      pixels = torch.from_numpy(np.ascontiguousarray(frames.reshape(b * t, *frames.shape[2:]).transpose(0, 3, 1, 2)))
-      image_tokens = self.vision(pixel_values=pixels.to(self.dtype))[0]  # [B*T, P, Dv]
-      qids = torch.from_numpy(batch['qformer_input_ids']).long().repeat_interleave(t, 0)
-      qmask = torch.from_numpy(batch['qformer_attention_mask']).long().repeat_interleave(t, 0)
-      queries = self.qformer(
-          input_ids=qids, attention_mask=torch.cat([torch.ones(b * t, k, dtype=torch.long), qmask], 1),
-          query_embeds=self.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_tokens,
-          encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long))[0][:, :k]
+    queries = reference.frame_queries(self.towers, batch, self.dtype)  # [B*T, K, Dq], no gradient
     return self.projection(queries).reshape(b, t * k, -1)
 
   def keep(self, visual, n_keep: int):

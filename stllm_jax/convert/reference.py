@@ -132,23 +132,33 @@ def _not_a_weight(local: str, name: str, prefix: str, depth: int) -> bool:
   return bool(block) and int(block.group(1)) >= depth  # EVA-ViT-g's block 39, which BLIP-2 does not use
 
 
+def frame_queries(model: Any, batch: dict[str, np.ndarray], dtype: Any = None):
+  """The Q-Former query outputs [B*T, K, Dq] of every frame, without gradient: a Hugging Face InstructBLIP's
+  vision_model (its post_layernorm is ln_vision) and qformer, the batch's instruction repeated for each frame.
+  `dtype` casts the pixels (the model's dtype when it is not float32)."""
+  torch = _torch()
+  frames = batch['frames']
+  b, t = frames.shape[:2]
+  k = model.query_tokens.shape[1]
+  with torch.no_grad():
+    pixels = torch.from_numpy(np.ascontiguousarray(frames.reshape(b * t, *frames.shape[2:]).transpose(0, 3, 1, 2)))
+    image_tokens = model.vision_model(pixel_values=pixels if dtype is None else pixels.to(dtype))[0]  # [B*T, P, Dv]
+    qids = torch.from_numpy(np.asarray(batch['qformer_input_ids'])).long().repeat_interleave(t, 0)
+    qmask = torch.from_numpy(np.asarray(batch['qformer_attention_mask'])).long().repeat_interleave(t, 0)
+    return model.qformer(
+        input_ids=qids, attention_mask=torch.cat([torch.ones(b * t, k, dtype=torch.long), qmask], 1),
+        query_embeds=model.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_tokens,
+        encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long))[0][:, :k]
+
+
 def visual_tokens(model: Any, heads: dict[str, Any], model_config: Any, batch: dict[str, np.ndarray]):
   """The visual tokens V [B, Nv, D] of ST-LLM, computed with the Hugging Face modules."""
   torch = _torch()
   cfg = stllm.model_config(model_config)
-  frames = batch['frames']
-  b, t = frames.shape[:2]
+  b, t = batch['frames'].shape[:2]
   with torch.no_grad():
-    pixels = torch.tensor(frames.reshape(b * t, *frames.shape[2:]).transpose(0, 3, 1, 2))
-    image_tokens = model.vision_model(pixel_values=pixels)[0]
-    k = cfg.qformer.num_query_tokens
-    qids = torch.tensor(batch['qformer_input_ids']).long().repeat_interleave(t, 0)
-    qmask = torch.tensor(batch['qformer_attention_mask']).long().repeat_interleave(t, 0)
-    queries = model.qformer(
-        input_ids=qids, attention_mask=torch.cat([torch.ones(b * t, k, dtype=torch.long), qmask], 1),
-        query_embeds=model.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_tokens,
-        encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long))[0][:, :k]
-    tokens = model.language_projection(queries).reshape(b, t, k, -1)
+    queries = frame_queries(model, batch)
+    tokens = model.language_projection(queries).reshape(b, t, cfg.qformer.num_query_tokens, -1)
     if cfg.video_input == 'mean':
       return tokens.mean(dim=1)
     if cfg.video_input == 'global_local':
