@@ -30,13 +30,14 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from stllm_jax import checkpoints, configlib, generate
+from stllm_jax import checkpoints, configlib, generate, tower_pretraining
 from stllm_jax.data import conversation, inference, synthetic
 from stllm_jax.errors import UserError
 
 RESULTS_JSON = 'demo_results.json'
 RESULTS_PNG = 'demo_results.png'
 EVAL_JSON = 'demo_eval.json'  # per trained model: its answers and accuracies, reused while its step is unchanged
+TOWERS_DIR = 'towers'  # in the workdir: the pretrained towers every model starts from (config.init.checkpoint)
 QUESTION_KINDS = ('direction', 'shape', 'colour')
 CLASSES = {'direction': tuple(synthetic.DIRECTIONS), 'shape': synthetic.SHAPES, 'colour': tuple(synthetic.COLOURS)}
 
@@ -58,6 +59,9 @@ class DemoConfig:
   ablation: bool = False  # also train the VARIANTS (three models in all)
   eval_batch_size: int = 32
   max_new_tokens: int = 8  # answers are 'It moves left.' and the like
+  # The stand-in for the towers' pretraining (tower_pretraining.py), written to WORKDIR/towers.
+  towers: tower_pretraining.TowerPretrainConfig = dataclasses.field(
+      default_factory=tower_pretraining.TowerPretrainConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +101,7 @@ def demo_config(config: Any) -> DemoConfig:
 
 def ensure_data(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
   """The synthetic set in cfg.data_dir, written if missing or made with other settings; returns its info."""
-  wanted = dict(seed=cfg.data_seed, train_pairs=cfg.train_pairs, test_pairs=cfg.test_pairs,
+  wanted = dict(version=synthetic.VERSION, seed=cfg.data_seed, train_pairs=cfg.train_pairs, test_pairs=cfg.test_pairs,
                 num_frames=cfg.video_frames, size=cfg.video_size, radius_range=list(cfg.radius_range),
                 train_forms=list(cfg.train_forms))
   info_path = os.path.join(cfg.data_dir, 'info.json')
@@ -139,13 +143,20 @@ def with_overrides(config: Any, overrides: Mapping[str, Any]) -> ml_collections.
 
 
 def planned_runs(config: Any, workdir: str) -> list[tuple[str, str, ml_collections.ConfigDict, str]]:
-  """(name, title, config, workdir) of every model to train: the config itself, then the ablation's."""
-  runs = [(MAIN, MAIN_TITLE, ml_collections.ConfigDict(configlib.to_dict(config)), workdir)]
+  """(name, title, config, workdir) of every model to train: the config itself, then the ablation's; each
+  starts from the pretrained towers in WORKDIR/towers."""
+  start = {'init.checkpoint': os.path.join(workdir, TOWERS_DIR)}
+  runs = [(MAIN, MAIN_TITLE, with_overrides(config, start), workdir)]
   if demo_config(config).ablation:
     for name, variant in VARIANTS.items():
-      runs.append((name, variant.title, with_overrides(config, variant.overrides),
+      runs.append((name, variant.title, with_overrides(config, {**variant.overrides, **start}),
                    os.path.join(workdir, 'ablation', name)))
   return runs
+
+
+def qformer_texts(fact: Mapping[str, str]) -> list[str]:
+  """The Q-Former texts of the open questions about a video (what the towers see during training)."""
+  return [conversation.qformer_text('', question) for _, question, _ in questions(fact)]
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -306,6 +317,9 @@ def run(config: Any, workdir: str, train: Callable[[Any, str], dict], log: Calla
   info = ensure_data(cfg, log)
   facts = test_facts(cfg.data_dir)
   train_frames = _train_frames(config)
+  towers_dir = os.path.join(workdir, TOWERS_DIR)
+  log(f'--- visual towers: {towers_dir}')
+  towers = tower_pretraining.ensure_towers(config, cfg.towers, cfg.data_dir, towers_dir, qformer_texts, log)
   runs = []
   for name, title, run_config, run_dir in planned_runs(config, workdir):
     log(f'--- {title}: training in {run_dir}')
@@ -317,7 +331,9 @@ def run(config: Any, workdir: str, train: Callable[[Any, str], dict], log: Calla
                      train_seconds_this_call=train_seconds, eval_seconds=evaluation['seconds'],
                      accuracy=evaluation['accuracy'], twins_told_apart=twins_told_apart(evaluation['answers'],
                                                                                          train_frames)))
-  results = dict(seed=config.seed, data=info, train_frames=train_frames, test_frames=list(cfg.test_frames), runs=runs,
+  results = dict(seed=config.seed, data=info, towers=dict(held_out=towers['held_out'], seconds=towers['seconds'],
+                                                          steps=cfg.towers.steps),
+                 train_frames=train_frames, test_frames=list(cfg.test_frames), runs=runs,
                  wall_seconds=time.perf_counter() - began, command=' '.join(sys.argv))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, RESULTS_JSON), 'w', encoding='utf-8') as f:

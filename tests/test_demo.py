@@ -18,7 +18,8 @@ from stllm_jax.models import stllm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, 'configs', 'demo.py')
-SHORT = ['--config.train.steps=3', '--config.train.log_every=1', '--config.demo.train_pairs=6',
+SHORT = ['--config.train.steps=3', '--config.train.log_every=1', '--config.demo.towers.steps=2',
+         '--config.demo.towers.batch_size=4', '--config.demo.train_pairs=6',
          '--config.demo.test_pairs=2', '--config.demo.test_frames=(4,8)', '--config.demo.eval_batch_size=4',
          '--config.data.num_workers=0']
 
@@ -50,6 +51,8 @@ def test_short_demo_trains_evaluates_and_reports_every_model(short_demo):
   assert (workdir / 'ablation' / 'mean_pool' / 'checkpoints').is_dir()
   assert (workdir / demo.RESULTS_PNG).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert (cwd / 'data' / 'demo' / 'info.json').is_file()
+  assert (workdir / demo.TOWERS_DIR / 'model.json').is_file() and results['towers']['steps'] == 2
+  assert 'initial weights from runs/demo/towers' in result.stdout + result.stderr
   for title in ('Claim 1', 'Claim 2', demo.MAIN_TITLE, *(v.title for v in demo.VARIANTS.values())):
     assert title in result.stdout
   # Each model answered every open question about each test video at each frame count.
@@ -137,6 +140,9 @@ def test_variants_change_only_what_they_say():
   assert runs['no_masking'].model.video_input == 'all' and runs['no_masking'].train.mvm_weight == 0
   assert runs[demo.MAIN].train.masking.enabled and runs[demo.MAIN].train.mvm_weight == config.train.mvm_weight > 0
   assert configlib.to_dict(runs['no_masking'].model) == configlib.to_dict(config.model)
+  # Every model starts from the same pretrained towers, frozen as in the paper.
+  assert {cfg.init.checkpoint for cfg in runs.values()} == {os.path.join('runs/demo', demo.TOWERS_DIR)}
+  assert all(tuple(cfg.train.frozen) == ('vision/.*', 'ln_vision/.*', 'qformer/.*') for cfg in runs.values())
 
 
 # ----------------------------------------------------------------------------------------- mean pooling

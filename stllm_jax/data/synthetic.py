@@ -6,6 +6,7 @@ writes (deterministically from the seed, in seconds on a laptop):
 
     DIR/videos/*.mp4              one coloured shape moving across a dark frame (lossless H.264, PyAV)
     DIR/train.json, DIR/test.json VideoChat2 format: {"video", "QA": [{"i", "q", "a"}, ...]}
+    DIR/{train,test}_facts.json   per video: shape, colour, direction, twin pair, the shape's centre (y, x) per frame
     DIR/tokenizers/llm/           LLaMA-style tokenizer (</s> = BOS/EOS, [PAD] last), trained on the texts
     DIR/tokenizers/qformer/       BERT-style WordPiece tokenizer with [DEC]
     DIR/mvbench/json/{moving_direction,moving_attribute}.json   MVBench layout: video, question,
@@ -45,6 +46,7 @@ MC_INSTRUCTION = ('Carefully watch the video and pay attention to the movement o
                   'Select the best option that accurately addresses the question.')
 RADIUS_RANGE = (1 / 10, 1 / 7)  # shape radius, as a fraction of the frame size
 QUESTION_FORMS = ('multiple_choice', 'open')
+VERSION = 2  # of the set's layout (2: per-frame centres in {train,test}_facts.json); in info.json
 MVBENCH_TASKS = {'Moving Direction': 'moving_direction.json', 'Moving Attribute': 'moving_attribute.json'}
 
 
@@ -64,9 +66,9 @@ def shape_mask(shape: str, size: int, radius: int, centre: tuple[float, float]) 
   raise ValueError(f'unknown shape {shape!r}; choose one of {SHAPES}')
 
 
-def moving_shape_frames(shape: str, colour: str, direction: str, num_frames: int, size: int,
-                        rng: np.random.Generator, radius_range: tuple[float, float] = RADIUS_RANGE) -> np.ndarray:
-  """uint8 [num_frames, size, size, 3]: the shape crossing the frame in `direction`."""
+def moving_shape_path(direction: str, num_frames: int, size: int, rng: np.random.Generator,
+                      radius_range: tuple[float, float] = RADIUS_RANGE) -> tuple[int, np.ndarray]:
+  """(radius, float32 [num_frames, 2] centres (y, x) in pixels) of a shape crossing the frame in `direction`."""
   radius = int(rng.integers(int(size * radius_range[0]), int(size * radius_range[1]) + 1))
   margin = radius + 2
   dy, dx = DIRECTIONS[direction]
@@ -77,18 +79,27 @@ def moving_shape_frames(shape: str, colour: str, direction: str, num_frames: int
   length = float(rng.uniform(0.5, 1.0)) * span
   start = margin + float(rng.uniform(0.0, span - length))
   stop = start + length
-  frames = np.empty((num_frames, size, size, 3), np.uint8)
+  centres = np.empty((num_frames, 2), np.float32)
   for t in range(num_frames):
     along = start + (stop - start) * t / max(num_frames - 1, 1)
-    if dx:
-      centre = (across, along if dx > 0 else size - along)
-    else:
-      centre = (along if dy > 0 else size - along, across)
-    frame = np.empty((size, size, 3), np.uint8)
-    frame[:] = BACKGROUND
-    frame[shape_mask(shape, size, radius, centre)] = COLOURS[colour]
-    frames[t] = frame
+    centres[t] = (across, along if dx > 0 else size - along) if dx else (along if dy > 0 else size - along, across)
+  return radius, centres
+
+
+def render_frames(shape: str, colour: str, radius: int, centres: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [T, size, size, 3]: `shape` in `colour` at each of the centres [T, 2] on the dark background."""
+  frames = np.empty((len(centres), size, size, 3), np.uint8)
+  for t, centre in enumerate(centres):
+    frames[t] = BACKGROUND
+    frames[t][shape_mask(shape, size, radius, (float(centre[0]), float(centre[1])))] = COLOURS[colour]
   return frames
+
+
+def moving_shape_frames(shape: str, colour: str, direction: str, num_frames: int, size: int,
+                        rng: np.random.Generator, radius_range: tuple[float, float] = RADIUS_RANGE) -> np.ndarray:
+  """uint8 [num_frames, size, size, 3]: the shape crossing the frame in `direction`."""
+  radius, centres = moving_shape_path(direction, num_frames, size, rng, radius_range)
+  return render_frames(shape, colour, radius, centres, size)
 
 
 def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
@@ -143,8 +154,8 @@ def _make_pair(rng: np.random.Generator, num_frames: int, size: int, radius_rang
   shape = SHAPES[int(rng.integers(len(SHAPES)))]
   colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
   direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
-  frames = moving_shape_frames(shape, colour, direction, num_frames, size, rng, radius_range)
-  return shape, colour, direction, frames
+  radius, centres = moving_shape_path(direction, num_frames, size, rng, radius_range)
+  return shape, colour, direction, centres, render_frames(shape, colour, radius, centres, size)
 
 
 def question_form(qa: dict[str, str]) -> str:
@@ -159,13 +170,16 @@ def build_split(out: str, split: str, num_pairs: int, rng: np.random.Generator, 
   rows, facts = [], []
   keep = lambda qas: [qa for qa in qas if question_form(qa) in forms]
   for pair in range(num_pairs):
-    shape, colour, direction, frames = _make_pair(rng, num_frames, size, radius_range)
-    for twin, twin_frames, twin_direction in (('a', frames, direction), ('b', frames[::-1], OPPOSITE[direction])):
+    shape, colour, direction, centres, frames = _make_pair(rng, num_frames, size, radius_range)
+    for twin, order, twin_direction in (('a', slice(None), direction), ('b', slice(None, None, -1),
+                                                                          OPPOSITE[direction])):
+      twin_frames = frames[order]
       name = f'{split}_{pair:04d}_{twin}.mp4'
       write_mp4(os.path.join(out, 'videos', name), twin_frames, fps)
       rows.append(dict(video=name, QA=keep(direction_qa(shape, colour, twin_direction, rng))))
       rows.append(dict(video=name, QA=keep(attribute_qa(shape, colour, rng))))
-      facts.append(dict(video=name, shape=shape, colour=colour, direction=twin_direction, pair=pair, twin=twin))
+      facts.append(dict(video=name, shape=shape, colour=colour, direction=twin_direction, pair=pair, twin=twin,
+                        centres=np.round(centres[order], 3).tolist()))
   return rows, facts
 
 
@@ -217,10 +231,12 @@ def build(out: str, seed: int = 0, train_pairs: int = 48, test_pairs: int = 16, 
     shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
   os.makedirs(os.path.join(out, 'videos'))
   rng = np.random.default_rng(seed)
-  train_rows, _ = build_split(out, 'train', train_pairs, rng, num_frames, size, fps, radius_range, tuple(train_forms))
+  train_rows, train_facts = build_split(out, 'train', train_pairs, rng, num_frames, size, fps, radius_range,
+                                        tuple(train_forms))
   test_rows, test_facts = build_split(out, 'test', test_pairs, rng, num_frames, size, fps, radius_range)
   _write_json(os.path.join(out, 'train.json'), train_rows)
   _write_json(os.path.join(out, 'test.json'), test_rows)
+  _write_json(os.path.join(out, 'train_facts.json'), train_facts)
   _write_json(os.path.join(out, 'test_facts.json'), test_facts)
 
   tasks = mvbench_tasks(test_facts, rng)
@@ -239,7 +255,7 @@ def build(out: str, seed: int = 0, train_pairs: int = 48, test_pairs: int = 16, 
   llm_dir = tiny_tokenizers.build_llm_tokenizer(os.path.join(out, 'tokenizers', 'llm'), corpus, llm_vocab_size)
   qformer_dir = tiny_tokenizers.build_qformer_tokenizer(os.path.join(out, 'tokenizers', 'qformer'), corpus,
                                                         qformer_vocab_size)
-  info = dict(seed=seed, train_pairs=train_pairs, test_pairs=test_pairs, num_frames=num_frames, size=size, fps=fps,
+  info = dict(version=VERSION, seed=seed, train_pairs=train_pairs, test_pairs=test_pairs, num_frames=num_frames, size=size, fps=fps,
               radius_range=list(radius_range), train_forms=list(train_forms),
               train_rows=len(train_rows), test_rows=len(test_rows), videos=2 * (train_pairs + test_pairs),
               llm_vocab=len(conversation.load_llm_tokenizer.__wrapped__(llm_dir)),
