@@ -120,11 +120,6 @@ def ensure_data(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
   return info
 
 
-def test_facts(data_dir: str) -> list[dict]:
-  with open(os.path.join(data_dir, 'test_facts.json'), encoding='utf-8') as f:
-    return json.load(f)
-
-
 # ----------------------------------------------------------------------------------------- variants
 
 
@@ -315,7 +310,7 @@ def run(config: Any, workdir: str, train: Callable[[Any, str], dict], log: Calla
   cfg = demo_config(config)
   began = time.perf_counter()
   info = ensure_data(cfg, log)
-  facts = test_facts(cfg.data_dir)
+  facts = synthetic.read_facts(cfg.data_dir, 'test')
   train_frames = _train_frames(config)
   towers_dir = os.path.join(workdir, TOWERS_DIR)
   log(f'--- visual towers: {towers_dir}')

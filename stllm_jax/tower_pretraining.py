@@ -157,13 +157,12 @@ def evaluate(model: stllm.STLLM, params: Mapping[str, Any], frame_set: FrameSet,
 def pretrain(config: Any, cfg: TowerPretrainConfig, train_set: FrameSet, log: Callable[[str], None] = print
              ) -> tuple[dict, dict]:
   """(every model param: the pretrained towers and the seeded rest; the head's params) after cfg.steps steps."""
-  model = stllm.STLLM(stllm.model_config(config.model))
-  params = stllm.init_params(config.model, jax.random.key(config.seed))
+  model_cfg = stllm.model_config(config.model)
+  model = stllm.STLLM(model_cfg)
+  params = stllm.init_params(model_cfg, jax.random.key(config.seed))
   towers = {name: params[name] for name in TOWERS}
-  one = sample_frames(train_set, np.random.default_rng(cfg.seed), 1)
-  head_input = jax.eval_shape(lambda: model.apply({'params': params}, one['frames'], one['qformer_ids'],
-                                                  one['qformer_mask'], method='encode_frames'))
-  head = FrameHead().init(jax.random.key(cfg.seed), jnp.zeros(head_input.shape[:1] + head_input.shape[2:]))['params']
+  frame_tokens = jnp.zeros((1, model_cfg.qformer.num_query_tokens, model_cfg.llm.width))  # [1, K, D]
+  head = FrameHead().init(jax.random.key(cfg.seed), frame_tokens)['params']
   trained = dict(model=towers, head=head)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, int(cfg.warmup_fraction * cfg.steps), max(cfg.steps, 2))
   tx = optax.adam(schedule)
@@ -208,7 +207,7 @@ def ensure_towers(config: Any, cfg: TowerPretrainConfig, data_dir: str, out_dir:
   image_size = config.model.vision.image_size
   tokenizer = conversation.load_qformer_tokenizer(config.data.qformer_tokenizer)
   load = lambda name: load_frame_set(
-      data_dir, _facts(data_dir, name), image_size, qformer_texts, tokenizer, config.data.qformer_max_length,
+      data_dir, synthetic.read_facts(data_dir, name), image_size, qformer_texts, tokenizer, config.data.qformer_max_length,
       progress=lambda items: tqdm(items, desc=f'decode {name} videos', unit='video', file=sys.stderr,
                                   mininterval=1.0 if sys.stderr.isatty() else 30.0))
   train_set, test_set = load('train'), load('test')
@@ -224,15 +223,6 @@ def ensure_towers(config: Any, cfg: TowerPretrainConfig, data_dir: str, out_dir:
   record = dict(source=SOURCE, settings=settings, held_out=held_out, seconds=seconds)
   checkpoints.save_weights(out_dir, jax.device_get(params), configlib.to_dict(config.model), conversion=record)
   return record
-
-
-def _facts(data_dir: str, split: str) -> list[dict]:
-  path = os.path.join(data_dir, f'{split}_facts.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} is missing: the tower pretraining needs the synthetic set\'s per-frame facts '
-                            '(python -m stllm_jax.data.synthetic writes them)')
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
 
 
 def _data_identity(data_dir: str) -> dict:

@@ -2,7 +2,6 @@
 batches, learning, the weights directory it writes for config.init.checkpoint, reuse and stale settings."""
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -32,8 +31,7 @@ def demo_set(tmp_path_factory):
 
 
 def frame_set(data_dir, config, split='train'):
-  with open(os.path.join(data_dir, f'{split}_facts.json')) as f:
-    facts = json.load(f)
+  facts = synthetic.read_facts(data_dir, split)
   tokenizer = conversation.load_qformer_tokenizer(config.data.qformer_tokenizer)
   return facts, tower_pretraining.load_frame_set(data_dir, facts, 64, demo.qformer_texts, tokenizer,
                                                  config.data.qformer_max_length)

@@ -183,6 +183,16 @@ def build_split(out: str, split: str, num_pairs: int, rng: np.random.Generator, 
   return rows, facts
 
 
+def read_facts(data_dir: str, split: str) -> list[dict[str, Any]]:
+  """The per-video facts `build` wrote for `split` ('train' or 'test')."""
+  path = os.path.join(data_dir, f'{split}_facts.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing: write the synthetic set (python -m stllm_jax.data.synthetic) '
+                            'with this version of the generator')
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
 def mvbench_tasks(facts: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, list[dict[str, Any]]]:
   """MVBench-format questions about the test videos: task json name -> entries."""
   direction, attribute = [], []
