@@ -33,6 +33,7 @@ from tqdm import tqdm
 from stllm_jax import checkpoints, configlib, generate, tower_pretraining
 from stllm_jax.data import conversation, inference, synthetic
 from stllm_jax.errors import UserError
+from stllm_jax.metrics import progress_bar
 
 RESULTS_JSON = 'demo_results.json'
 RESULTS_PNG = 'demo_results.png'
@@ -224,8 +225,8 @@ def evaluate_run(run_dir: str, cfg: DemoConfig, facts: Sequence[Mapping[str, str
   began = time.perf_counter()
   total = len(facts) * len(QUESTION_KINDS) * len(cfg.test_frames)
   by_frames, records = {}, []
-  with tqdm(total=total, desc=f'evaluate {os.path.basename(os.path.normpath(run_dir))}', unit='question',
-            file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0) as progress:
+  with progress_bar(total=total, desc=f'evaluate {os.path.basename(os.path.normpath(run_dir))}',
+                    unit='question') as progress:
     for num_frames in cfg.test_frames:
       answered = answer_questions(generator, cfg.data_dir, facts, num_frames, cfg.eval_batch_size,
                                   cfg.max_new_tokens, progress)

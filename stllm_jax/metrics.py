@@ -1,12 +1,21 @@
-"""Training metrics: a JSONL log and TensorBoard event files in the workdir (written by process 0 only)."""
+"""Training metrics: a JSONL log and TensorBoard event files in the workdir (written by process 0 only),
+and the progress bars of long jobs."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+import sys
+from typing import Any, Mapping
 
 import jax
+from tqdm import tqdm
+
+
+def progress_bar(iterable: Any = None, **kwargs) -> tqdm:
+  """A tqdm bar on stderr that redraws every second on a terminal and every 30 s into a log file."""
+  kwargs.setdefault('mininterval', 1.0 if sys.stderr.isatty() else 30.0)
+  return tqdm(iterable, file=sys.stderr, **kwargs)
 
 
 class MetricsWriter:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from stllm_jax import checkpoints, configlib
 from stllm_jax.data import conversation, synthetic, transforms, video
 from stllm_jax.errors import UserError
+from stllm_jax.metrics import progress_bar
 from stllm_jax.models import stllm
 
 TOWERS = ('vision', 'ln_vision', 'qformer', 'projection')  # the params encode_frames uses: what this trains
@@ -176,8 +175,7 @@ def pretrain(config: Any, cfg: TowerPretrainConfig, train_set: FrameSet, log: Ca
 
   rng = np.random.default_rng(cfg.seed)
   every = max(cfg.steps // 5, 1)
-  with tqdm(total=cfg.steps, desc='pretrain towers', unit='step', file=sys.stderr,
-            mininterval=1.0 if sys.stderr.isatty() else 30.0) as progress:
+  with progress_bar(total=cfg.steps, desc='pretrain towers', unit='step') as progress:
     for n in range(1, cfg.steps + 1):
       trained, opt_state, metrics = step(trained, opt_state, sample_frames(train_set, rng, cfg.batch_size))
       progress.update()
@@ -208,8 +206,7 @@ def ensure_towers(config: Any, cfg: TowerPretrainConfig, data_dir: str, out_dir:
   tokenizer = conversation.load_qformer_tokenizer(config.data.qformer_tokenizer)
   load = lambda name: load_frame_set(
       data_dir, synthetic.read_facts(data_dir, name), image_size, qformer_texts, tokenizer, config.data.qformer_max_length,
-      progress=lambda items: tqdm(items, desc=f'decode {name} videos', unit='video', file=sys.stderr,
-                                  mininterval=1.0 if sys.stderr.isatty() else 30.0))
+      progress=lambda items: progress_bar(items, desc=f'decode {name} videos', unit='video'))
   train_set, test_set = load('train'), load('test')
   log(f'pretraining the visual towers on single frames of {len(train_set.shapes)} training videos '
       f'({cfg.steps} steps x {cfg.batch_size} frames): centre, shape and colour through a linear head')

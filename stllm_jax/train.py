@@ -31,7 +31,7 @@ from stllm_jax.data import pipeline
 from stllm_jax.data.errors import DataError
 from stllm_jax.data.random_batches import RandomBatches
 from stllm_jax.errors import UserError, exit_with
-from stllm_jax.metrics import MetricsWriter
+from stllm_jax.metrics import MetricsWriter, progress_bar
 from stllm_jax.models import stllm
 
 FLAGS = flags.FLAGS
@@ -126,8 +126,8 @@ def train(config: Any, workdir: str) -> dict:
     run.save(at_step, state, {'data': data.get_state(), 'frozen_checksums': frozen_sums,
                               'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config)})
 
-  progress = tqdm(total=total_steps, initial=start, desc='train', unit='step', disable=jax.process_index() != 0,
-                  mininterval=1.0 if sys.stderr.isatty() else 30.0)
+  progress = progress_bar(total=total_steps, initial=start, desc='train', unit='step',
+                          disable=jax.process_index() != 0)
   window, last, nonfinite_in_a_row = [], {}, 0
   window_start = time.perf_counter()
   try:
