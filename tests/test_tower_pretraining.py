@@ -33,7 +33,7 @@ def demo_set(tmp_path_factory):
 def frame_set(data_dir, config, split='train'):
   facts = synthetic.read_facts(data_dir, split)
   tokenizer = conversation.load_qformer_tokenizer(config.data.qformer_tokenizer)
-  return facts, tower_pretraining.load_frame_set(data_dir, facts, 64, demo.qformer_texts, tokenizer,
+  return facts, tower_pretraining.load_frame_set(data_dir, facts, 64, demo.tower_texts, tokenizer,
                                                  config.data.qformer_max_length)
 
 
@@ -56,13 +56,26 @@ def test_centres_in_the_facts_are_where_the_decoded_shape_is(demo_set):
   assert [list(synthetic.COLOURS)[i] for i in frames.colours] == [f['colour'] for f in facts]
 
 
-def test_every_video_carries_the_qformer_texts_of_its_questions(demo_set):
+def test_the_tower_texts_are_the_questions_texts_and_do_not_give_the_shape_away():
+  fact = dict(shape='square', colour='red', direction='left')
+  asked = [conversation.qformer_text('', question) for _, question, _ in demo.questions(fact)]
+  texts = demo.tower_texts(fact)
+  assert set(asked) <= set(texts) and len(texts) == len(set(texts))
+  # The same texts whatever the shape: the towers must find it in the pixels.
+  for shape in synthetic.SHAPES:
+    assert demo.tower_texts(dict(fact, shape=shape)) == texts
+  assert demo.tower_texts(dict(fact, colour='blue')) == texts  # no question names the colour
+  # Each shape-naming question once per shape, plus the one that names none.
+  assert len(texts) == 2 * len(synthetic.SHAPES) + 1
+
+
+def test_every_video_carries_its_tower_texts(demo_set):
   data_dir, config = demo_set
   facts, frames = frame_set(data_dir, config)
   tokenizer = conversation.load_qformer_tokenizer(config.data.qformer_tokenizer)
-  assert frames.qformer_ids.shape[:2] == (8, len(demo.QUESTION_KINDS))
+  assert frames.qformer_ids.shape[:2] == (8, len(demo.tower_texts(facts[0])))
   for n in (0, 5):
-    for q, text in enumerate(demo.qformer_texts(facts[n])):
+    for q, text in enumerate(demo.tower_texts(facts[n])):
       length = frames.qformer_mask[n, q].sum()
       assert tokenizer.decode(frames.qformer_ids[n, q, :length], skip_special_tokens=True) == text.lower()
   batch = tower_pretraining.sample_frames(frames, np.random.default_rng(0), 5)
@@ -82,6 +95,11 @@ def test_pretraining_lowers_the_loss_and_trains_only_the_towers(demo_set):
   untrained_head = jax.tree_util.tree_map(np.zeros_like, head)
   loss = lambda p, h: float(tower_pretraining.losses(model, cfg, dict(model=p, head=h), batch)[0])
   assert loss(params, head) < 0.7 * loss(before, untrained_head)
+  # The head reads every one of a frame's K visual tokens alone.
+  centre, shape_logits, colour_logits = tower_pretraining.frame_outputs(model, dict(model=params, head=head), batch)
+  k = config.model.qformer.num_query_tokens
+  assert centre.shape == (64, k, 2) and shape_logits.shape == (64, k, len(synthetic.SHAPES))
+  assert colour_logits.shape == (64, k, len(synthetic.COLOURS))
   for name in params:
     changed = any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in
                   zip(jax.tree_util.tree_leaves(params[name]), jax.tree_util.tree_leaves(before[name])))
@@ -93,7 +111,7 @@ def test_the_weights_directory_starts_a_run_and_is_reused(demo_set, tmp_path):
   cfg = tower_pretraining.TowerPretrainConfig(steps=2, batch_size=4)
   out = str(tmp_path / 'towers')
   messages = []
-  record = tower_pretraining.ensure_towers(config, cfg, data_dir, out, demo.qformer_texts, messages.append)
+  record = tower_pretraining.ensure_towers(config, cfg, data_dir, out, demo.tower_texts, messages.append)
   assert checkpoints.is_weights_dir(out) and any('held-out frames' in m for m in messages)
   assert set(record['held_out']) == {'shape_accuracy', 'colour_accuracy', 'centre_error_px', 'frames'}
   assert record['held_out']['frames'] == 2 * 16
@@ -105,7 +123,7 @@ def test_the_weights_directory_starts_a_run_and_is_reused(demo_set, tmp_path):
   stored = checkpoints.load_stored_params(out)
   np.testing.assert_array_equal(np.asarray(params['vision']['pos_embed']), np.asarray(stored['vision']['pos_embed']))
   # Same settings: reused, not trained again; other settings: refused with what to do.
-  again = tower_pretraining.ensure_towers(config, cfg, data_dir, out, demo.qformer_texts, messages.append)
+  again = tower_pretraining.ensure_towers(config, cfg, data_dir, out, demo.tower_texts, messages.append)
   assert again['seconds'] == record['seconds']
   with pytest.raises(UserError, match='other settings'):
-    tower_pretraining.ensure_towers(config, dataclasses.replace(cfg, lr=1e-4), data_dir, out, demo.qformer_texts)
+    tower_pretraining.ensure_towers(config, dataclasses.replace(cfg, lr=1e-4), data_dir, out, demo.tower_texts)
