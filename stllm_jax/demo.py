@@ -306,7 +306,7 @@ def save_plot(results: Mapping[str, Any], path: str, train_frames: int, test_fra
     ax.set(title=title, xlabel='test frames', xticks=list(test_frames), ylim=(0, 100))
     ax.grid(alpha=0.3)
   axes[0].set_ylabel('accuracy (%)')
-  axes[1].legend(loc='upper right', fontsize=8)
+  axes[1].legend(loc='center right', fontsize=8)
   fig.suptitle(f'Tiny ST-LLM on synthetic moving shapes (trained at {train_frames} frames; dashed: chance)')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
