@@ -47,6 +47,7 @@ from stllm_jax.models import stllm
 
 TOWERS = ('vision', 'ln_vision', 'qformer', 'projection')  # the params encode_frames uses: what this trains
 SOURCE = 'tower pretraining'  # conversion.json 'source' of the weights directories written here
+VERSION = 2  # of what pretraining does (2: the head reads each visual token alone); part of the settings key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +65,8 @@ class TowerPretrainConfig:
 class FrameSet:
   """Every frame of a split's videos with its labels."""
   frames: np.ndarray  # uint8 [N, T, S, S, 3], the evaluation transform's resize + centre crop
-  qformer_ids: np.ndarray  # int32 [N, Q, L]: the Q-Former texts of the Q questions asked about each video
-  qformer_mask: np.ndarray  # int32 [N, Q, L]
+  qformer_input_ids: np.ndarray  # int32 [N, Q, L]: the Q-Former texts of the Q questions asked about each video
+  qformer_attention_mask: np.ndarray  # int32 [N, Q, L]
   centres: np.ndarray  # float32 [N, T, 2]: (y, x) in [-1, 1] of the frame
   shapes: np.ndarray  # int32 [N]: index into synthetic.SHAPES
   colours: np.ndarray  # int32 [N]: index into synthetic.COLOURS
@@ -87,26 +88,28 @@ def load_frame_set(data_dir: str, facts: Sequence[Mapping[str, Any]], image_size
     frames.append(transforms.eval_resize_crop(clip.frames, image_size))
     size = clip.frames.shape[1]
     centres.append(2.0 * np.asarray(fact['centres'], np.float32) / size - 1.0)
-  qformer_ids = np.zeros((len(ids), max(len(v) for v in ids), qformer_length), np.int32)
-  qformer_mask = np.zeros_like(qformer_ids)
+  text_ids = np.zeros((len(ids), max(len(v) for v in ids), qformer_length), np.int32)  # [N, Q, L]
+  text_mask = np.zeros_like(text_ids)
   for n, texts in enumerate(ids):
     for q, text in enumerate(texts):
-      qformer_ids[n, q, :len(text)], qformer_mask[n, q, :len(text)] = text, 1
-    qformer_ids[n, len(texts):], qformer_mask[n, len(texts):] = qformer_ids[n, 0], qformer_mask[n, 0]
-  return FrameSet(np.stack(frames), qformer_ids, qformer_mask, np.stack(centres),
+      text_ids[n, q, :len(text)], text_mask[n, q, :len(text)] = text, 1
+    text_ids[n, len(texts):], text_mask[n, len(texts):] = text_ids[n, 0], text_mask[n, 0]
+  return FrameSet(np.stack(frames), text_ids, text_mask, np.stack(centres),
                   np.asarray([synthetic.SHAPES.index(f['shape']) for f in facts], np.int32),
                   np.asarray([list(synthetic.COLOURS).index(f['colour']) for f in facts], np.int32))
 
 
 def sample_frames(frame_set: FrameSet, rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray]:
   """Random frames, each with one of its video's Q-Former texts: frames float32 [B, 1, S, S, 3]
-  (CLIP-normalised), qformer_ids / qformer_mask [B, L], centres [B, 2], shapes [B], colours [B]."""
+  (CLIP-normalised), qformer_input_ids / qformer_attention_mask [B, L] (named as in the model's batch),
+  centres [B, 2], shapes [B], colours [B]."""
   n, t = frame_set.frames.shape[:2]
   videos = rng.integers(n, size=batch_size)
   times = rng.integers(t, size=batch_size)
-  texts = rng.integers(frame_set.qformer_ids.shape[1], size=batch_size)
+  texts = rng.integers(frame_set.qformer_input_ids.shape[1], size=batch_size)
   return dict(frames=transforms.normalize(frame_set.frames[videos, times])[:, None],
-              qformer_ids=frame_set.qformer_ids[videos, texts], qformer_mask=frame_set.qformer_mask[videos, texts],
+              qformer_input_ids=frame_set.qformer_input_ids[videos, texts],
+              qformer_attention_mask=frame_set.qformer_attention_mask[videos, texts],
               centres=frame_set.centres[videos, times], shapes=frame_set.shapes[videos],
               colours=frame_set.colours[videos])
 
@@ -123,8 +126,8 @@ class FrameHead(nn.Module):
 
 def frame_outputs(model: stllm.STLLM, params: Mapping[str, Any], batch: Mapping[str, jax.Array]):
   """encode_frames on single frames [B, 1, S, S, 3] with their Q-Former texts, then the head."""
-  tokens = model.apply({'params': params['model']}, batch['frames'], batch['qformer_ids'], batch['qformer_mask'],
-                       method='encode_frames')  # [B, 1, K, D]
+  tokens = model.apply({'params': params['model']}, batch['frames'], batch['qformer_input_ids'],
+                       batch['qformer_attention_mask'], method='encode_frames')  # [B, 1, K, D]
   return FrameHead().apply({'params': params['head']}, tokens[:, 0])
 
 
@@ -150,10 +153,10 @@ def evaluate(model: stllm.STLLM, params: Mapping[str, Any], frame_set: FrameSet,
     chunk = flat[first:first + batch_size]
     pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])  # one compiled program
     video_index = np.arange(first, first + len(chunk)) // t
-    text_index = np.arange(first, first + len(chunk)) % frame_set.qformer_ids.shape[1]
+    text_index = np.arange(first, first + len(chunk)) % frame_set.qformer_input_ids.shape[1]
     batch = dict(frames=transforms.normalize(pad(chunk))[:, None],
-                 qformer_ids=pad(frame_set.qformer_ids[video_index, text_index]),
-                 qformer_mask=pad(frame_set.qformer_mask[video_index, text_index]))
+                 qformer_input_ids=pad(frame_set.qformer_input_ids[video_index, text_index]),
+                 qformer_attention_mask=pad(frame_set.qformer_attention_mask[video_index, text_index]))
     centre, shape_logits, colour_logits = (np.asarray(x)[:len(chunk)] for x in predict(params, batch))
     truth = frame_set.centres.reshape(-1, 2)[first:first + len(chunk)]
     errors.append(np.linalg.norm(centre - truth[:, None], axis=-1).ravel())  # every token's reading
@@ -203,20 +206,21 @@ def ensure_towers(config: Any, cfg: TowerPretrainConfig, data_dir: str, out_dir:
   """The weights directory `out_dir` for config.init.checkpoint, pretrained now unless it already holds
   weights made with these settings; returns its record (settings, held-out accuracies, seconds).
   `qformer_texts(fact)`: the Q-Former texts to pair with a video's frames (they must not name its labels)."""
-  settings = dict(towers=dataclasses.asdict(cfg), seed=config.seed, model=configlib.to_dict(config.model),
-                  data=_data_identity(data_dir))
+  settings = dict(version=VERSION, towers=dataclasses.asdict(cfg), seed=config.seed,
+                  model=configlib.to_dict(config.model), data=_data_identity(data_dir))
   if checkpoints.is_weights_dir(out_dir):
     record = checkpoints.conversion_info(out_dir)
     if record.get('settings') == json.loads(json.dumps(settings)):
       return record
-    raise UserError(f'{out_dir} holds towers pretrained with other settings (model, data or config.demo.towers), '
-                    'and the models next to it were trained on them: remove the workdir, or choose another '
-                    '--workdir, to pretrain and train anew')
+    raise UserError(f'{out_dir} holds towers pretrained with other settings (model, data, config.demo.towers or '
+                    'an older version of the pretraining), and the models next to it were trained on them: remove '
+                    'the workdir, or choose another --workdir, to pretrain and train anew')
   began = time.perf_counter()
   image_size = config.model.vision.image_size
   tokenizer = conversation.load_qformer_tokenizer(config.data.qformer_tokenizer)
   load = lambda name: load_frame_set(
-      data_dir, synthetic.read_facts(data_dir, name), image_size, qformer_texts, tokenizer, config.data.qformer_max_length,
+      data_dir, synthetic.read_facts(data_dir, name), image_size, qformer_texts, tokenizer,
+      config.data.qformer_max_length,
       progress=lambda items: progress_bar(items, desc=f'decode {name} videos', unit='video'))
   train_set, test_set = load('train'), load('test')
   log(f'pretraining the visual towers on single frames of {len(train_set.shapes)} training videos '

@@ -281,5 +281,21 @@ def _count_nonfinite(window: list[_StepRecord], in_a_row: int) -> int:
   return in_a_row
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a --config.X override that names no field of the config is one message, not
+  the bare AttributeError / KeyError that ml_collections raises."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(message))
+      error = error.args[0]
+    field, _, hint = str(error.args[0] if error.args else error).partition('\n')
+    field = field.strip('\'"')
+    overrides = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
+    named = [arg for arg in overrides if field in arg.split('.')[1:]] or overrides or ['a --config override']
+    exit_with(UserError(f'{named[0]}: the config has no field {field!r}{" (" + hint + ")" if hint else ""}. '
+                        'Flags of the command itself (--workdir, --distributed) take no "config." prefix'))
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

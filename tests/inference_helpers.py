@@ -48,8 +48,7 @@ def _entry(fact: dict, video: str, **bounds) -> dict:
 def extend_mvbench(root: str) -> None:
   """Adds the GIF, frame-folder, bounded and unreadable tasks to the synthetic MVBench copy under `root`."""
   mvbench = os.path.join(root, 'mvbench')
-  with open(os.path.join(root, 'test_facts.json')) as f:
-    facts = json.load(f)[:3]
+  facts = synthetic.read_facts(root, 'test')[:3]
   entries = {name: [] for name in EXTRA_TASKS}
   for fact in facts:
     stem = os.path.splitext(fact['video'])[0]

@@ -7,7 +7,7 @@ import pytest
 
 import inference_helpers
 from stllm_jax import evaluate
-from stllm_jax.data import conversation, inference
+from stllm_jax.data import conversation, inference, synthetic
 from stllm_jax.errors import UserError
 
 REFERENCE_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
@@ -148,7 +148,7 @@ def test_mvbench_refuses_other_settings_in_the_same_output(paths, tmp_path):
 
 
 def test_qa_writes_the_judge_format(paths, tmp_path, capsys):
-  facts = json.load(open(os.path.join(os.path.dirname(paths.mvbench), 'test_facts.json')))[:2]
+  facts = synthetic.read_facts(os.path.dirname(paths.mvbench), 'test')[:2]
   questions = [dict(video_name=os.path.splitext(f['video'])[0], question_id=f'q{n}', question='What moves?',
                     answer=f['shape']) for n, f in enumerate(facts)]
   questions_path = tmp_path / 'questions.json'

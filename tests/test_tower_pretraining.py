@@ -73,14 +73,15 @@ def test_every_video_carries_its_tower_texts(demo_set):
   data_dir, config = demo_set
   facts, frames = frame_set(data_dir, config)
   tokenizer = conversation.load_qformer_tokenizer(config.data.qformer_tokenizer)
-  assert frames.qformer_ids.shape[:2] == (8, len(demo.tower_texts(facts[0])))
+  assert frames.qformer_input_ids.shape[:2] == (8, len(demo.tower_texts(facts[0])))
   for n in (0, 5):
     for q, text in enumerate(demo.tower_texts(facts[n])):
-      length = frames.qformer_mask[n, q].sum()
-      assert tokenizer.decode(frames.qformer_ids[n, q, :length], skip_special_tokens=True) == text.lower()
+      length = frames.qformer_attention_mask[n, q].sum()
+      assert tokenizer.decode(frames.qformer_input_ids[n, q, :length], skip_special_tokens=True) == text.lower()
   batch = tower_pretraining.sample_frames(frames, np.random.default_rng(0), 5)
   assert batch['frames'].shape == (5, 1, 64, 64, 3) and batch['frames'].dtype == np.float32
-  assert batch['qformer_ids'].shape == batch['qformer_mask'].shape == (5, config.data.qformer_max_length)
+  length = config.data.qformer_max_length
+  assert batch['qformer_input_ids'].shape == batch['qformer_attention_mask'].shape == (5, length)
   assert batch['centres'].shape == (5, 2) and np.abs(batch['centres']).max() <= 1
 
 
@@ -106,7 +107,7 @@ def test_pretraining_lowers_the_loss_and_trains_only_the_towers(demo_set):
     assert changed == (name in tower_pretraining.TOWERS), name
 
 
-def test_the_weights_directory_starts_a_run_and_is_reused(demo_set, tmp_path):
+def test_the_weights_directory_starts_a_run_and_is_reused(demo_set, tmp_path, monkeypatch):
   data_dir, config = demo_set
   cfg = tower_pretraining.TowerPretrainConfig(steps=2, batch_size=4)
   out = str(tmp_path / 'towers')
@@ -127,3 +128,7 @@ def test_the_weights_directory_starts_a_run_and_is_reused(demo_set, tmp_path):
   assert again['seconds'] == record['seconds']
   with pytest.raises(UserError, match='other settings'):
     tower_pretraining.ensure_towers(config, dataclasses.replace(cfg, lr=1e-4), data_dir, out, demo.tower_texts)
+  # Towers of another version of the pretraining, with the same config: refused too.
+  monkeypatch.setattr(tower_pretraining, 'VERSION', tower_pretraining.VERSION + 1)
+  with pytest.raises(UserError, match='older version'):
+    tower_pretraining.ensure_towers(config, cfg, data_dir, out, demo.tower_texts)

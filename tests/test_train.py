@@ -78,6 +78,17 @@ def test_bad_config_value_is_one_message(tmp_path, env):
   assert "train.mvm_loss='l1'" in result.stderr
 
 
+@pytest.mark.parametrize('override, message', [
+    ('--config.workdir=x', "--config.workdir: the config has no field 'workdir'"),
+    ('--config.train.stepz=3', "--config.train.stepz: the config has no field 'stepz' (Did you mean \"steps\""),
+    ('--config.nope.x=1', "--config.nope.x: the config has no field 'nope'"),
+])
+def test_override_of_a_field_the_config_lacks_is_one_message(tmp_path, env, override, message):
+  result = run_train(tmp_path, env, override)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert message in result.stderr
+
+
 class NaNBatches:
   """Wraps a data iterator: every batch's frames are NaN."""
 
