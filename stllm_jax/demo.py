@@ -105,10 +105,8 @@ def ensure_data(cfg: DemoConfig, log: Callable[[str], None]) -> dict:
   wanted = dict(version=synthetic.VERSION, seed=cfg.data_seed, train_pairs=cfg.train_pairs, test_pairs=cfg.test_pairs,
                 num_frames=cfg.video_frames, size=cfg.video_size, radius_range=list(cfg.radius_range),
                 train_forms=list(cfg.train_forms))
-  info_path = os.path.join(cfg.data_dir, 'info.json')
-  if os.path.isfile(info_path):
-    with open(info_path, encoding='utf-8') as f:
-      info = json.load(f)
+  if os.path.isfile(os.path.join(cfg.data_dir, 'info.json')):
+    info = synthetic.read_info(cfg.data_dir)
     if all(info.get(k) == v for k, v in wanted.items()):
       return info
     log(f'{cfg.data_dir} holds a synthetic set made with other settings: writing it anew')

@@ -207,7 +207,7 @@ def ensure_towers(config: Any, cfg: TowerPretrainConfig, data_dir: str, out_dir:
   weights made with these settings; returns its record (settings, held-out accuracies, seconds).
   `qformer_texts(fact)`: the Q-Former texts to pair with a video's frames (they must not name its labels)."""
   settings = dict(version=VERSION, towers=dataclasses.asdict(cfg), seed=config.seed,
-                  model=configlib.to_dict(config.model), data=_data_identity(data_dir))
+                  model=configlib.to_dict(config.model), data=synthetic.read_info(data_dir))
   if checkpoints.is_weights_dir(out_dir):
     record = checkpoints.conversion_info(out_dir)
     if record.get('settings') == json.loads(json.dumps(settings)):
@@ -235,9 +235,3 @@ def ensure_towers(config: Any, cfg: TowerPretrainConfig, data_dir: str, out_dir:
   record = dict(source=SOURCE, settings=settings, held_out=held_out, seconds=seconds)
   checkpoints.save_weights(out_dir, jax.device_get(params), configlib.to_dict(config.model), conversion=record)
   return record
-
-
-def _data_identity(data_dir: str) -> dict:
-  with open(os.path.join(data_dir, 'info.json'), encoding='utf-8') as f:
-    info = json.load(f)
-  return {k: v for k, v in info.items() if k != 'seconds'}

@@ -183,9 +183,17 @@ def build_split(out: str, split: str, num_pairs: int, rng: np.random.Generator, 
   return rows, facts
 
 
+def read_info(data_dir: str) -> dict[str, Any]:
+  """The settings and sizes `build` wrote to data_dir/info.json."""
+  return _read_json(os.path.join(data_dir, 'info.json'))
+
+
 def read_facts(data_dir: str, split: str) -> list[dict[str, Any]]:
   """The per-video facts `build` wrote for `split` ('train' or 'test')."""
-  path = os.path.join(data_dir, f'{split}_facts.json')
+  return _read_json(os.path.join(data_dir, f'{split}_facts.json'))
+
+
+def _read_json(path: str) -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} is missing: write the synthetic set (python -m stllm_jax.data.synthetic) '
                             'with this version of the generator')
@@ -265,8 +273,8 @@ def build(out: str, seed: int = 0, train_pairs: int = 48, test_pairs: int = 16, 
   llm_dir = tiny_tokenizers.build_llm_tokenizer(os.path.join(out, 'tokenizers', 'llm'), corpus, llm_vocab_size)
   qformer_dir = tiny_tokenizers.build_qformer_tokenizer(os.path.join(out, 'tokenizers', 'qformer'), corpus,
                                                         qformer_vocab_size)
-  info = dict(version=VERSION, seed=seed, train_pairs=train_pairs, test_pairs=test_pairs, num_frames=num_frames, size=size, fps=fps,
-              radius_range=list(radius_range), train_forms=list(train_forms),
+  info = dict(version=VERSION, seed=seed, train_pairs=train_pairs, test_pairs=test_pairs, num_frames=num_frames,
+              size=size, fps=fps, radius_range=list(radius_range), train_forms=list(train_forms),
               train_rows=len(train_rows), test_rows=len(test_rows), videos=2 * (train_pairs + test_pairs),
               llm_vocab=len(conversation.load_llm_tokenizer.__wrapped__(llm_dir)),
               qformer_vocab=len(conversation.load_qformer_tokenizer.__wrapped__(qformer_dir)),
