@@ -154,13 +154,8 @@ def tower_texts(fact: Mapping[str, str]) -> list[str]:
   in turn. Two of the three questions name the true shape, so without this the towers would read the
   shape off the text and not off the pixels (measured: shape 100% with a text that names it, 66% with one
   that does not, at 1,500 steps)."""
-  texts = []
-  for shape in synthetic.SHAPES:
-    for _, question, _ in questions(dict(fact, shape=shape)):
-      text = conversation.qformer_text('', question)
-      if text not in texts:
-        texts.append(text)
-  return texts
+  return list(dict.fromkeys(conversation.qformer_text('', question) for shape in synthetic.SHAPES
+                            for _, question, _ in questions(dict(fact, shape=shape))))  # distinct, in order
 
 
 # ----------------------------------------------------------------------------------------- evaluation

@@ -148,17 +148,17 @@ def evaluate(model: stllm.STLLM, params: Mapping[str, Any], frame_set: FrameSet,
   n, t = frame_set.frames.shape[:2]
   size = frame_set.frames.shape[2]
   flat = frame_set.frames.reshape(n * t, *frame_set.frames.shape[2:])
+  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])  # one compiled program
   errors, shape_ok, colour_ok = [], [], []
   for first in range(0, n * t, batch_size):
     chunk = flat[first:first + batch_size]
-    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])  # one compiled program
-    video_index = np.arange(first, first + len(chunk)) // t
-    text_index = np.arange(first, first + len(chunk)) % frame_set.qformer_input_ids.shape[1]
+    rows = np.arange(first, first + len(chunk))  # flat frame indices
+    video_index, text_index = rows // t, rows % frame_set.qformer_input_ids.shape[1]
     batch = dict(frames=transforms.normalize(pad(chunk))[:, None],
                  qformer_input_ids=pad(frame_set.qformer_input_ids[video_index, text_index]),
                  qformer_attention_mask=pad(frame_set.qformer_attention_mask[video_index, text_index]))
     centre, shape_logits, colour_logits = (np.asarray(x)[:len(chunk)] for x in predict(params, batch))
-    truth = frame_set.centres.reshape(-1, 2)[first:first + len(chunk)]
+    truth = frame_set.centres.reshape(-1, 2)[rows]
     errors.append(np.linalg.norm(centre - truth[:, None], axis=-1).ravel())  # every token's reading
     shape_ok.append((shape_logits.argmax(-1) == frame_set.shapes[video_index, None]).ravel())
     colour_ok.append((colour_logits.argmax(-1) == frame_set.colours[video_index, None]).ravel())
