@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence, TextIO
 from tqdm import tqdm
 
 from stllm_jax import generate
-from stllm_jax.data import conversation, inference
+from stllm_jax.data import annotations, conversation, inference
 from stllm_jax.data.errors import SampleError
 from stllm_jax.errors import UserError, exit_with
 
@@ -85,12 +85,18 @@ FRAME_FOLDER_FPS = 3.0  # MVBench's frame folders (TVQA) hold 3 frames per secon
 class Item:
   """One question to answer."""
   key: str  # unique, stable across runs (resume)
-  video: str  # media path
+  media_root: str  # the benchmark's video directory
+  media: str  # the video's path as its annotation gives it, relative to media_root
   qformer_text: str
   prompt: str  # the text after '</s>'
   start: float | None = None
   end: float | None = None
   record: dict = dataclasses.field(default_factory=dict)  # what the prediction line starts from
+
+  @property
+  def video(self) -> str:
+    """The media path as given (not yet checked to lie inside media_root: `annotations.media_path` does)."""
+    return os.path.join(self.media_root, self.media)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -133,12 +139,12 @@ def mvbench_items(data_root: str, tasks: dict[str, TaskSpec]) -> list[Item]:
         question, candidates, answer = entry['question'], list(entry['candidates']), entry['answer']
         truth = conversation.mvbench_ground_truth(candidates, answer)
         start, end = (float(entry['start']), float(entry['end'])) if spec.bound else (None, None)
-        media = os.path.join(data_root, spec.prefix, entry['video'])
+        media = str(entry['video'])
       except (KeyError, TypeError, ValueError) as e:
         raise UserError(f'{path} entry {index} is malformed ({type(e).__name__}: {e}); an entry holds video, '
                         'question, candidates, answer (and start, end for this task)') from e
       text = conversation.mvbench_question(question, candidates)
-      items.append(Item(f'{task}/{index}', media, text, conversation.mvbench_prompt(question, candidates), start, end,
+      items.append(Item(f'{task}/{index}', os.path.join(data_root, spec.prefix), media, text, conversation.mvbench_prompt(question, candidates), start, end,
                         dict(task=task, index=index, video=entry['video'], question=text, gt=truth)))
   return items
 
@@ -147,14 +153,14 @@ QA_FORMATS = ('msvd', 'msrvtt', 'activitynet', 'videochatgpt')
 
 
 def find_video(video_dir: str, name: str) -> str:
-  """`video_dir/name`, or with the first of the usual extensions that exists (as the original scripts look)."""
-  path = os.path.join(video_dir, name)
-  if os.path.exists(path):
-    return path
+  """`name`, or `name` with the first of the usual extensions that exists in `video_dir` (as the original
+  scripts look)."""
+  if os.path.exists(os.path.join(video_dir, name)):
+    return name
   for extension in VIDEO_EXTENSIONS:
-    if os.path.exists(path + extension):
-      return path + extension
-  return path  # missing: reported per item
+    if os.path.exists(os.path.join(video_dir, name + extension)):
+      return name + extension
+  return name  # missing: reported per item
 
 
 def qa_items(fmt: str, questions_path: str, answers_path: str, video_dir: str) -> list[Item]:
@@ -182,7 +188,7 @@ def qa_items(fmt: str, questions_path: str, answers_path: str, video_dir: str) -
         record, key, with_system = dict(id=qid, question=question, answer=answer), f'{n}', False
     except (KeyError, TypeError) as e:
       raise UserError(f'{questions_path} entry {n} does not have the {fmt} fields ({e})') from e
-    items.append(Item(key, find_video(video_dir, str(name)), question, conversation.qa_prompt(question, with_system),
+    items.append(Item(key, video_dir, find_video(video_dir, str(name)), question, conversation.qa_prompt(question, with_system),
                       record=record))
   return items
 
@@ -252,7 +258,8 @@ def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log:
       records, requests, readable = [], [], []
       for item in batch:
         try:
-          loaded = inference.load_video_with_policy(item.video, policy, image_size, item.start, item.end,
+          path = annotations.media_path(item.media_root, item.media)
+          loaded = inference.load_video_with_policy(path, policy, image_size, item.start, item.end,
                                                     FRAME_FOLDER_FPS)
         except SampleError as e:
           records.append(finish(item, None, str(e)))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -222,8 +223,12 @@ def broken_dataset(tmp_path_factory, good_videos):
   root = str(tmp_path_factory.mktemp('broken_media'))
   cases = helpers.write_broken_media(root)
   for n in range(4):
-    os.symlink(os.path.join(good_videos, f'v{n:02d}.mp4'), os.path.join(root, f'v{n:02d}.mp4'))
+    shutil.copy(os.path.join(good_videos, f'v{n:02d}.mp4'), os.path.join(root, f'v{n:02d}.mp4'))
+  os.symlink(os.path.join(good_videos, 'v00.mp4'), os.path.join(root, 'link_out.mp4'))  # a real video, elsewhere
   media_cases = [(reason.replace('_truncated', ''), helpers.qa_row(name)) for reason, name in cases.items()]
+  media_cases += [('outside_media_root', helpers.qa_row(name)) for name in (
+      '../' + os.path.basename(root) + '_x/v00.mp4', os.path.join(good_videos, 'v00.mp4'), 'link_out.mp4',
+      f'sub/../../{os.path.basename(good_videos)}/v00.mp4')]
   annotation_cases = [
       ('bad_annotation', {'QA': [{'q': 'What moves?', 'a': 'x'}]}),  # no video
       ('bad_annotation', {'video': 'v00.mp4'}),  # no QA

@@ -8,6 +8,10 @@ A dataset is one JSON list; each row is
 The whole file is checked only for being a JSON list (a bad file stops the run at once, naming it);
 rows are validated when they are used, so one malformed row is a `bad_annotation` / `empty_qa` skip
 instead of a crash. `i` may be missing (no instruction).
+
+A row's `video` names a file under the dataset's media root and nothing else: `media_path` resolves it
+(symlinks too) and refuses an absolute path, `..` or a link that leads out of the root, so an annotation
+file cannot make the pipeline open (and train on) an arbitrary file.
 """
 
 from __future__ import annotations
@@ -96,6 +100,22 @@ def parse_row(raw: Any, where: str = 'row') -> Row:
   if start is not None and end is not None and end <= start:
     raise SampleError('bad_annotation', f'{where} has end {end} <= start {start}')
   return Row(video, qa, start, end)
+
+
+def media_path(media_root: str, relative: str, allowed_dirs: tuple[str, ...] = ()) -> str:
+  """`media_root/relative` with every symlink resolved, or SampleError('outside_media_root') when that path
+  lies neither inside the resolved media root (the root itself may be a symlink) nor inside one of
+  `allowed_dirs` (`data.allowed_media_dirs`: where symlinks under the root may lead, e.g. another disk)."""
+  if os.path.isabs(relative):
+    raise SampleError('outside_media_root', f'{relative!r} is an absolute path; a video path is relative to '
+                                            f'the media root {media_root}')
+  root = os.path.realpath(media_root)
+  resolved = os.path.realpath(os.path.join(root, relative))
+  inside = lambda directory: os.path.commonpath([directory, resolved]) == directory
+  if not any(inside(directory) for directory in (root, *map(os.path.realpath, allowed_dirs))):
+    raise SampleError('outside_media_root', f'{relative!r} resolves to {resolved}, outside the media root {root} '
+                                            '(symlinks may lead only into data.allowed_media_dirs)')
+  return resolved
 
 
 def describe(raw: Any) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 # reason -> what it means (shown in docs and error messages)
 REASONS = {
     'missing_file': 'the media path does not exist (check the dataset media_root)',
+    'outside_media_root': 'the media path leads outside the media root (an absolute path, "..", or a symlink out); '
+                          'it is never opened',
     'empty_file': 'the media file has zero bytes, or the frame folder holds no images',
     'unreadable_file': 'FFmpeg cannot open the file (not a media file, or a truncated/corrupt container)',
     'truncated_file': 'the container declares more frames than the file holds (an interrupted download or copy)',

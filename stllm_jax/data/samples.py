@@ -10,7 +10,6 @@ Any unusable input raises SampleError (see errors.py); the caller counts it and 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ class SampleOptions:
   min_video_frames: int = 2
   max_frame_pixels: int = 3840 * 2160
   decode_threads: int = 1
+  allowed_media_dirs: tuple[str, ...] = ()  # where symlinks under a media root may lead
 
 
 def load_training_sample(raw: Any, media_root: str, num_frames: int, folder_fps: float,
@@ -46,9 +46,10 @@ def load_training_sample(raw: Any, media_root: str, num_frames: int, folder_fps:
   qformer_ids, qformer_dropped = conversation.encode_qformer_text(
       conversation.load_qformer_tokenizer(options.qformer_tokenizer),
       conversation.qformer_text(qa.instruction, qa.question), options.qformer_max_length)
-  clip = video.load_clip(os.path.join(media_root, row.video), num_frames, 'rand', rng=rng, start=row.start,
-                         end=row.end, folder_fps=folder_fps, min_frames=options.min_video_frames,
-                         max_pixels=options.max_frame_pixels, threads=options.decode_threads)
+  path = annotations.media_path(media_root, row.video, options.allowed_media_dirs)
+  clip = video.load_clip(path, num_frames, 'rand', rng=rng, start=row.start, end=row.end, folder_fps=folder_fps,
+                         min_frames=options.min_video_frames, max_pixels=options.max_frame_pixels,
+                         threads=options.decode_threads)
   frames = transforms.train_transform(clip.frames, rng, options.image_size, options.crop_scale)
   return dict(frames=frames, input_ids=text.input_ids, answer_mask=text.answer_mask,
               qformer_input_ids=qformer_ids, num_real_frames=clip.num_real_frames, qa_index=qa_index,
