@@ -6,13 +6,19 @@ Model weights (what the converter writes and training starts from, what chat and
                          (`convert --mesh`) its chunks are the shards, so each host of a job reads only its own
     DIR/tokenizers/      optional: `llm/` and `qformer/` Hugging Face tokenizer directories
     DIR/conversion.json  optional: where the weights came from (source kind and paths), for `convert verify`
+    DIR/digests.json     fingerprints of every array (and of model.json), checked on every load
 A weights directory may hold part of the model only (`convert hf-llama`: the `llm/` params); `load_model`
 names the missing parts. It is written under a temporary name and renamed when complete, so a directory
 with the final name is always whole.
 Training runs (`WORKDIR/checkpoints/<step>/`): an orbax CheckpointManager whose every step holds the
 train state (step, trainable params, optimizer state, PRNG key) and a JSON item (data-iterator state,
-a fingerprint of the frozen params, the config). Saves are atomic: orbax writes to a temporary name and
-renames when complete, so a killed run never leaves a half-written step that looks usable.
+a fingerprint of the frozen params, the config, the exact fingerprints of every saved array and of the
+JSON item itself). Saves are atomic: orbax writes to a temporary name and renames when complete, so a
+killed run never leaves a half-written step that looks usable.
+
+Damage after the write (a flipped byte, a truncated or missing file) is caught on load by the
+fingerprints (`stllm_jax.integrity`): `DamagedCheckpoint` names the step or directory and the array.
+Training then falls back to the newest intact step; chat, evaluation and export refuse.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import functools
 import json
 import os
 import shutil
-from typing import Any, Callable, Iterator
+import sys
+from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging as absl_logging
 import flax
@@ -33,7 +40,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from stllm_jax import sharding, step
+from stllm_jax import integrity, sharding, step
 from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
 
@@ -41,7 +48,24 @@ MODEL_JSON = 'model.json'
 PARAMS_DIR = 'params'
 TOKENIZERS_DIR = 'tokenizers'
 CONVERSION_JSON = 'conversion.json'
+DIGESTS_JSON = 'digests.json'
 INCOMPLETE = '.incomplete-'  # infix of a directory being written
+DAMAGED_DIR = 'damaged_checkpoints'  # beside a run's checkpoints/: damaged steps are moved here, not deleted
+
+
+class DamagedCheckpoint(UserError):
+  """A checkpoint or weights directory whose files do not hold what was saved (or cannot be read)."""
+
+
+def _damaged(where: str, problem: str) -> DamagedCheckpoint:
+  return DamagedCheckpoint(f'{where} is damaged: {problem}')
+
+
+def _read_error(error: BaseException) -> str:
+  """The first line of a read error, without tensorstore's dump of its spec."""
+  lines = str(error).strip().splitlines()
+  first = lines[0].split('. See full TensorStore details')[0] if lines else ''
+  return f'{type(error).__name__}: {first[:300]}'
 
 
 # ---------------------------------------------------------------------------------------- model weights
@@ -77,6 +101,8 @@ def save_weights(path: str, params: Any, model_config: dict, *, tokenizers: dict
       place_in_place(params, shardings, progress)
     with ocp.Checkpointer(_weights_handler()) as checkpointer:
       checkpointer.save(os.path.join(staging, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
+    _write_json(os.path.join(staging, DIGESTS_JSON), {'params': integrity.digests(params),
+                                                      MODEL_JSON: integrity.json_sha256(model_config)})
     os.rename(staging, path)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
@@ -128,10 +154,38 @@ def read_model_config(path: str) -> dict:
 
 
 def load_weights(path: str, abstract_params: Any) -> Any:
-  """Restores params into `abstract_params` (ShapeDtypeStructs with shardings: each device reads its shard)."""
-  read_model_config(path)
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), abstract_params)
+  """Restores params into `abstract_params` (ShapeDtypeStructs with shardings: each device reads its shard),
+  checked against the directory's fingerprints (DamagedCheckpoint names what differs)."""
+  model_config = read_model_config(path)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), abstract_params)
+  except Exception as error:  # whatever a damaged file makes orbax / tensorstore raise  # pylint: disable=broad-except
+    raise _damaged(f'weights directory {path}', f'{PARAMS_DIR}/ cannot be read ({_read_error(error)}); '
+                   'convert the weights again') from None
+  _check_weights_digests(path, model_config, params)
+  return params
+
+
+def _check_weights_digests(path: str, model_config: dict, params: Any) -> None:
+  digests_path = os.path.join(path, DIGESTS_JSON)
+  if not os.path.isfile(digests_path):
+    print(f'warning: {path} has no {DIGESTS_JSON} (written by an older stllm_jax), so its arrays cannot be '
+          'checked for damage; convert again to add it', file=sys.stderr)
+    return
+  try:
+    with open(digests_path) as f:
+      stored = json.load(f)
+    expected_params, expected_model = stored['params'], stored[MODEL_JSON]
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise _damaged(f'weights directory {path}', f'{DIGESTS_JSON} cannot be read ({_read_error(error)})') from None
+  if integrity.json_sha256(model_config) != expected_model:
+    raise _damaged(f'weights directory {path}', f'{MODEL_JSON} was changed after the weights were written')
+  actual = integrity.digests(params)
+  changed = integrity.mismatches({k: v for k, v in expected_params.items() if k in actual}, actual)
+  if changed:
+    raise _damaged(f'weights directory {path}', f'{len(changed)} arrays under {PARAMS_DIR}/ differ from what '
+                   f'was written (e.g. {", ".join(changed[:3])}); convert the weights again')
 
 
 def stored_param_metadata(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -189,34 +243,82 @@ def model_param_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------- training runs
 
 class RunCheckpoints:
-  """Save / find / restore the checkpoints of one training run in `workdir/checkpoints`."""
+  """Save / find / restore / set aside the checkpoints of one training run in `workdir/checkpoints`."""
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.damaged_directory = os.path.abspath(os.path.join(workdir, DAMAGED_DIR))
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'extra'))
 
-  def latest_step(self) -> int | None:
+  def latest_step(self, reload: bool = False) -> int | None:
+    """The newest complete step (`reload`: as on disk now, e.g. after a failed save)."""
+    if reload:
+      self.manager.reload()
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state: Any, extra: dict) -> None:
-    """Starts an asynchronous save (the next save, `wait` or `close` waits for it)."""
+    """Starts an asynchronous save (the next save, `wait` or `close` waits for it). `extra` (JSON) gains the
+    fingerprints of every array of `state` and of itself, which `restore` checks."""
+    extra = json.loads(json.dumps(dict(extra, digests=integrity.digests(state))))  # as it will read back
+    extra['sha256'] = integrity.json_sha256(extra)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     extra=ocp.args.JsonSave(extra)), force=True)
 
   def restore(self, step: int, like_state: Any) -> tuple[Any, dict]:
-    """Restores step `step` with the shapes, dtypes and shardings of `like_state`."""
+    """Restores step `step` with the shapes, dtypes and shardings of `like_state`; DamagedCheckpoint if a file
+    cannot be read or does not hold what was saved."""
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), like_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                  extra=ocp.args.JsonRestore()))
+    where = f'checkpoint step {step} in {self.directory}'
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                    extra=ocp.args.JsonRestore()))
+    except Exception as error:  # whatever a damaged file makes orbax / tensorstore raise  # pylint: disable=broad-except
+      raise _damaged(where, f'it cannot be read ({_read_error(error)})') from None
+    check_run_digests(where, restored.extra, restored.state)
     return restored.state, restored.extra
+
+  def set_aside(self, step: int) -> str:
+    """Moves a damaged step out of the run (into workdir/damaged_checkpoints/), so it is neither resumed
+    from nor overwritten; returns where it went."""
+    os.makedirs(self.damaged_directory, exist_ok=True)
+    target = os.path.join(self.damaged_directory, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target, suffix = os.path.join(self.damaged_directory, f'{step}.{suffix}'), suffix + 1
+    os.rename(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def check_run_digests(where: str, extra: Any, state: Any, only: str = '') -> None:
+  """DamagedCheckpoint unless the JSON item `extra` and every array of `state` (whose paths start with `only`)
+  match the fingerprints saved with them. A step written before fingerprints existed is let through with a
+  warning."""
+  if not isinstance(extra, dict):
+    raise _damaged(where, 'its JSON item is not an object')
+  if 'sha256' not in extra and 'digests' not in extra:
+    print(f'warning: {where} has no fingerprints (written by an older stllm_jax); its arrays cannot be checked '
+          'for damage', file=sys.stderr)
+    return
+  saved_sha = extra.get('sha256')
+  if saved_sha != integrity.json_sha256({k: v for k, v in extra.items() if k != 'sha256'}):
+    raise _damaged(where, 'its JSON item (data-iterator state, config, fingerprints) was changed after the save')
+  actual = integrity.digests(state)
+  expected = {k: v for k, v in extra['digests'].items() if k.startswith(only)}
+  changed = integrity.mismatches(expected, actual)
+  if changed:
+    raise _damaged(where, f'{len(changed)} arrays differ from what was saved (e.g. {", ".join(changed[:3])})')
 
 
 def checksums(tree: Any) -> dict[str, list[float]]:
@@ -319,19 +421,57 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
     latest = manager.latest_step()
     if latest is None:
       raise not_a_model
-    extra = manager.restore(latest, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
-  config = ml_collections.ConfigDict(extra['config'])
+    where = f'checkpoint step {latest} in {os.path.abspath(run_dir)}'
+    try:
+      extra = manager.restore(latest, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+      config = ml_collections.ConfigDict(extra['config'])
+    except Exception as error:  # a damaged JSON item  # pylint: disable=broad-except
+      raise _damaged(where, f'its JSON item cannot be read ({_read_error(error)})') from None
+  resolve = functools.partial(resolve_run_path, origin=extra.get('origin', {}), workdir=path)
+  config.init.checkpoint = resolve(config.init.checkpoint)
+  if config.init.checkpoint and not os.path.isdir(config.init.checkpoint):
+    raise UserError(f'the run in {path} started from the weights {config.init.checkpoint} (config.init.checkpoint), '
+                    'which are no longer there; its frozen towers come from them')
   model_cfg = stllm.model_config(config.model)
   shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
   params = initial_params(config, model_cfg, shardings)
-  trainable, _ = step.split_params(params, tuple(config.train.frozen))
+  trainable, frozen = step.split_params(params, tuple(config.train.frozen))
+  changed = checksum_mismatches(extra.get('frozen_checksums', checksums(frozen)), checksums(frozen))
+  if changed:
+    raise UserError(f'the frozen weights {config.init.checkpoint or "(seeded initialisation)"} differ from those the '
+                    f'run in {path} was trained with ({len(changed)} params, e.g. {changed[0]})')
   target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainable)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(
-        os.path.join(os.path.abspath(run_dir), str(latest), 'state'),
-        args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
-                                    restore_args=ocp.checkpoint_utils.construct_restore_args({'params': target})))
-  params = step.merge_params(restored['params'], step.split_params(params, tuple(config.train.frozen))[1])
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(
+          os.path.join(os.path.abspath(run_dir), str(latest), 'state'),
+          args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args({'params': target})))
+  except Exception as error:  # whatever a damaged file makes orbax / tensorstore raise  # pylint: disable=broad-except
+    raise _damaged(where, f'its params cannot be read ({_read_error(error)})') from None
+  check_run_digests(where, extra, {'params': restored['params']}, only='params/')
+  params = step.merge_params(restored['params'], frozen)
   data = config.get('data', {})
-  return LoadedModel(config.model, params, data.get('llm_tokenizer', ''), data.get('qformer_tokenizer', ''),
-                     f'step {latest} of the run in {path}')
+  return LoadedModel(config.model, params, resolve(data.get('llm_tokenizer', '')),
+                     resolve(data.get('qformer_tokenizer', '')), f'step {latest} of the run in {path}')
+
+
+def run_origin(workdir: str) -> dict[str, str]:
+  """Where a run's relative config paths (init.checkpoint, tokenizers) were relative to: saved with it."""
+  return {'cwd': os.path.abspath(os.getcwd()), 'workdir': os.path.abspath(workdir)}
+
+
+def resolve_run_path(path: str, origin: Mapping[str, str], workdir: str) -> str:
+  """A path from a run's saved config, usable from any directory: an absolute path as it is; a relative one
+  against the directory the run was started from, or, for one inside the run's workdir (the demo's towers),
+  inside `workdir` wherever it is now. '' stays ''."""
+  if not path or os.path.isabs(path):
+    return path
+  started_in, old_workdir = origin.get('cwd', os.getcwd()), origin.get('workdir', '')
+  candidates = [os.path.join(started_in, path)]
+  if old_workdir:
+    inside = os.path.relpath(os.path.join(started_in, path), old_workdir)
+    if not inside.startswith(os.pardir):
+      candidates.append(os.path.join(os.path.abspath(workdir), inside))
+  candidates.append(os.path.abspath(path))
+  return next((c for c in candidates if os.path.exists(c)), candidates[0])
