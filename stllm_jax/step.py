@@ -10,7 +10,9 @@
 
 The batch is split into `grad_accum_steps` micro-batches (scanned); the LM loss is normalised by the
 answer-token count of the whole batch, so accumulation equals one large batch. A step whose loss or
-gradient is not finite changes nothing (params and optimizer state are kept) and is reported.
+gradient is not finite, or that explodes while staying finite (loss above `max_loss`, or an update larger
+than `max_update_ratio` times the params), is rejected: it changes nothing (params and optimizer state are
+kept) and is reported (`accepted` in its metrics).
 """
 
 from __future__ import annotations
@@ -53,13 +55,27 @@ class TrainConfig:
   masking: masking.MaskingConfig = dataclasses.field(default_factory=masking.MaskingConfig)
   mvm_weight: float = 1.0  # 0 = no MVM loss (and no teacher pass)
   mvm_loss: str = 'cosine'  # 'cosine' (released code) or 'mse' (paper Eq. 4)
-  max_nonfinite_in_a_row: int = 10
+  max_loss: float = 1e4  # a step with a larger (finite) loss is rejected as exploding; 0 = no limit
+  max_update_ratio: float = 1.0  # ... and one whose update norm exceeds this times the params' norm; 0 = no limit
+  max_nonfinite_in_a_row: int = 10  # this many rejected steps in a row stop the run
   log_every: int = 10
   checkpoint_every: int = 500
   checkpoints_to_keep: int = 3
 
   def validate(self) -> None:
     self.masking.validate()
+    at_least = dict(steps=0, batch_size=1, grad_accum_steps=1, log_every=1, checkpoint_every=1,
+                    checkpoints_to_keep=1, max_nonfinite_in_a_row=1)
+    for name, low in at_least.items():
+      if getattr(self, name) < low:
+        raise ValueError(f'train.{name} must be >= {low}, got {getattr(self, name)}')
+    not_negative = ('lr', 'end_lr', 'weight_decay', 'warmup_fraction', 'grad_clip_norm', 'mvm_weight', 'max_loss',
+                    'max_update_ratio')
+    for name in not_negative:
+      if not getattr(self, name) >= 0:  # NaN fails too
+        raise ValueError(f'train.{name} must be >= 0, got {getattr(self, name)}')
+    if not self.steps and not self.epochs > 0:
+      raise ValueError(f'train.epochs must be > 0 when train.steps is 0, got {self.epochs}')
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(f'train.batch_size={self.batch_size} is not a multiple of '
                        f'train.grad_accum_steps={self.grad_accum_steps}')
@@ -206,16 +222,28 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
   (grads, loss, lm_sum, mvm), _ = jax.lax.scan(accumulate, init, micro)
 
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  update_norm, param_norm = optax.tree.norm(updates), optax.tree.norm(state.params)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  accepted = finite & step_is_sane(loss, update_norm, param_norm, cfg)
   new_params = optax.apply_updates(state.params, updates)
-  keep_if_finite = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = TrainState(step=state.step + 1, params=keep_if_finite(new_params, state.params),
-                         opt_state=keep_if_finite(new_opt_state, state.opt_state),
+  keep_if_accepted = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(accepted, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep_if_accepted(new_params, state.params),
+                         opt_state=keep_if_accepted(new_opt_state, state.opt_state),
                          rng=jax.random.key_data(rng))
   metrics = {'loss': loss, 'lm_loss': lm_sum / lm_norm, 'mvm_loss': mvm, 'grad_norm': grad_norm,
-             'finite': finite, 'lr': schedule(optimizer_count(state.opt_state))}
+             'update_norm': update_norm, 'param_norm': param_norm, 'finite': finite, 'accepted': accepted,
+             'lr': schedule(optimizer_count(state.opt_state))}
   return new_state, metrics
+
+
+def step_is_sane(loss: jax.Array, update_norm: jax.Array, param_norm: jax.Array, cfg: TrainConfig) -> jax.Array:
+  """False for an exploding step (loss and gradient finite): loss above `max_loss`, an update too large for float32,
+  or one larger than `max_update_ratio` times the params (params all zero, e.g. fresh LoRA-B only, bound
+  nothing)."""
+  loss_ok = (cfg.max_loss <= 0) | (loss <= cfg.max_loss)
+  update_ok = (cfg.max_update_ratio <= 0) | (param_norm == 0) | (update_norm <= cfg.max_update_ratio * param_norm)
+  return loss_ok & jnp.isfinite(update_norm) & update_ok
 
 
 def optimizer_count(opt_state: Any) -> jax.Array:

@@ -11,13 +11,15 @@ command resumes from the latest one. SIGTERM saves a checkpoint and exits (statu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from stllm_jax import checkpoints, demo, masking, sharding, step
 from stllm_jax.data import pipeline
 from stllm_jax.data.errors import DataError
 from stllm_jax.data.random_batches import RandomBatches
-from stllm_jax.errors import UserError, exit_with
+from stllm_jax.errors import UserError, exit_with, quiet_background_write_failures
 from stllm_jax.metrics import MetricsWriter, progress_bar
 from stllm_jax.models import stllm
 
@@ -45,20 +47,35 @@ KILL_AT_STEP_ENV = 'STLLM_KILL_AT_STEP'  # fault injection: SIGKILL this process
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
+  quiet_background_write_failures()
   enable_compilation_cache()
-  if FLAGS.config is None:
-    exit_with(UserError('give a config: python -m stllm_jax.train --config configs/tiny.py'))
-  if FLAGS.distributed:
-    jax.distributed.initialize()
-  workdir = FLAGS.workdir or os.path.join('runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
-      FLAGS['config'])))[0])
   try:
-    if 'demo' in FLAGS.config:  # configs/demo.py: data, training, evaluation and the claims' tables
-      demo.run(FLAGS.config, workdir, train)
+    config = load_config_flag()
+    if FLAGS.distributed:
+      jax.distributed.initialize()
+    workdir = FLAGS.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
+        config_flags.get_config_filename(FLAGS['config'])))[0])
+    if 'demo' in config:  # configs/demo.py: data, training, evaluation and the claims' tables
+      demo.run(config, workdir, train)
     else:
-      train(FLAGS.config, workdir)
+      train(config, workdir)
   except (UserError, DataError) as error:
     exit_with(error)
+
+
+def load_config_flag() -> Any:
+  """FLAGS.config, with one message for a missing or broken config file (ml_collections defers its error)."""
+  filename = config_flags.get_config_filename(FLAGS['config'])
+  if not filename:
+    raise UserError('give a config: python -m stllm_jax.train --config configs/tiny.py')
+  if not os.path.isfile(filename):
+    raise UserError(f'config file {filename!r} does not exist (configs live in configs/, e.g. configs/tiny.py)')
+  try:
+    return FLAGS.config
+  except Exception as error:  # an exception inside the file's get_config()  # pylint: disable=broad-except
+    cause = error.__cause__ or error
+    raise UserError(f'config file {filename!r} cannot be loaded: {type(cause).__name__}: '
+                    f'{str(cause).strip().splitlines()[-1] if str(cause).strip() else ""}') from None
 
 
 def enable_compilation_cache() -> None:
@@ -74,6 +91,7 @@ def train(config: Any, workdir: str) -> dict:
 
   model_cfg, train_cfg = _validated(config)
   preflight(config)
+  check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
   data = make_data(config, model_cfg, train_cfg)
   total_steps = train_cfg.steps or math.ceil(train_cfg.epochs * data.batches_per_epoch)
@@ -94,15 +112,7 @@ def train(config: Any, workdir: str) -> dict:
 
   run = checkpoints.RunCheckpoints(workdir, train_cfg.checkpoints_to_keep)
   frozen_sums = checkpoints.checksums(frozen)
-  start = run.latest_step()
-  if start is not None:
-    state, extra = run.restore(start, state)
-    changed = checkpoints.checksum_mismatches(extra['frozen_checksums'], frozen_sums)
-    if changed:
-      raise UserError(f'{workdir} was trained from other frozen weights than config.init gives now '
-                      f'({len(changed)} params differ, e.g. {changed[0]}); use the same init.checkpoint or a new workdir')
-    data.set_state(extra['data'])
-    log(f'resumed from step {start} in {run.directory}')
+  state = resume(run, state, data, frozen_sums, workdir, log)
   start = int(state.step)
   if start >= total_steps:
     run.close()
@@ -117,18 +127,28 @@ def train(config: Any, workdir: str) -> dict:
                        static_argnames='n_keep', donate_argnames='state', out_shardings=(state_shardings, None))
   writer = MetricsWriter(workdir)
   stop = {'signal': None}
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  previous_handlers = _stop_on_signals(stop)
   kill_at = int(os.environ.get(KILL_AT_STEP_ENV, '0'))
+  guard = StepGuard(train_cfg.max_nonfinite_in_a_row)
+  saved = {'step': start if start else None}
 
   def save(at_step: int) -> None:
+    guard.check_all()  # every step in the state has been checked before it is called good
     if not bool(_all_finite(state.params)):
       raise UserError(f'the trainable params hold non-finite values at step {at_step}; no checkpoint written')
-    run.save(at_step, state, {'data': data.get_state(), 'frozen_checksums': frozen_sums,
-                              'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config)})
+    for writing, write in ((saved['step'], run.wait), (at_step, lambda: run.save(at_step, state, {
+        'data': data.get_state(), 'frozen_checksums': frozen_sums, 'origin': checkpoints.run_origin(workdir),
+        'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config)}))):
+      try:  # the previous (asynchronous) save first, so that a failure names its own step
+        write()
+      except SAVE_ERRORS as error:
+        raise _save_failed(writing, run, error) from None
+    saved['step'] = at_step
 
   progress = progress_bar(total=total_steps, initial=start, desc='train', unit='step',
                           disable=jax.process_index() != 0)
-  window, last, nonfinite_in_a_row = [], {}, 0
+  window, last = [], {}
+  skips = SkipReporter(data, log)
   window_start = time.perf_counter()
   try:
     with sharding.activate(mesh):
@@ -141,39 +161,218 @@ def train(config: Any, workdir: str) -> dict:
         rho, n_keep = masking.step_mask_plan(current, config.seed, num_visual, train_cfg.masking)
         batch = sharding.shard_batch({k: host_batch[k] for k in step.MODEL_BATCH_KEYS}, mesh)
         state, metrics = train_step(state, frozen, batch, n_keep=n_keep)
+        done = current + 1
+        guard.add(done, metrics, run.directory, saved['step'])  # checks the step before (one in flight)
         window.append(_StepRecord(metrics, rho, n_keep, *host_batch['frames'].shape[:2],
                                   host_batch['input_ids'].shape[1]))
         progress.update(1)
-        done = current + 1
         if done % train_cfg.log_every == 0 or done == total_steps or stop['signal']:
           jax.block_until_ready(window[-1].metrics)  # the window's steps have run: time them
           last = _summarise(window, time.perf_counter() - window_start, jax.process_count())
           last.update(compiled_steps=step.compiled_programs(train_step), **data.metrics())
           writer.write(done, last)
-          progress.set_postfix(loss=f'{last["loss"]:.4f}', lr=f'{last["lr"]:.2e}', keep=last['kept_tokens'])
-          nonfinite_in_a_row = _count_nonfinite(window, nonfinite_in_a_row)
+          postfix = dict(loss=f'{last["loss"]:.4f}', lr=f'{last["lr"]:.2e}', keep=last['kept_tokens'])
+          progress.set_postfix(**postfix, **skips.postfix())
+          skips.report_new(done)
           window, window_start = [], time.perf_counter()
-          if nonfinite_in_a_row >= train_cfg.max_nonfinite_in_a_row:
-            raise UserError(f'{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step '
-                            f'{done}); their updates were skipped. Lower train.lr, enable train.grad_clip_norm, or '
-                            f'check the data. The last good checkpoint is in {run.directory}')
         if done % train_cfg.checkpoint_every == 0 or done == total_steps or stop['signal']:
           save(done)
         if stop['signal']:
           break
+    guard.check_all()
   finally:  # a pending checkpoint is always completed, whatever stopped the loop
     progress.close()
-    run.wait()
-    run.close()
-    writer.close()
-    if hasattr(data, 'close'):
-      data.close()
+    _restore_signals(previous_handlers)
+    try:
+      run.wait()
+    except SAVE_ERRORS as error:  # the last asynchronous save failed (e.g. the disk filled up)
+      raise _save_failed(saved['step'], run, error) from None
+    finally:
+      run.close()
+      writer.close()
+      if hasattr(data, 'close'):
+        data.close()
+  if skips.summary():
+    log(skips.summary())
   if stop['signal']:
     log(f'stopped by signal {stop["signal"]} after step {done}; checkpoint saved, rerun the same command to resume')
     sys.exit(128 + stop['signal'])
+  data_check = getattr(data, 'check_failures', None)
+  if data_check:
+    data_check(final=True)  # the failure-share limit holds for a run shorter than data.failure_check_after too
   log(f'done: {total_steps} steps; last loss {last.get("loss", float("nan")):.4f}; '
       f'{last.get("compiled_steps", 0)} compiled train-step programs; workdir {workdir}')
   return last
+
+
+def check_workdir(workdir: str) -> None:
+  """UserError unless `workdir` is (or can be made) a writable directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} is a file, not a directory; choose another --workdir')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as error:
+    raise UserError(f'workdir {workdir} is not writable ({error.strerror}); choose another --workdir') from None
+
+
+def resume(run: checkpoints.RunCheckpoints, state: Any, data: Any, frozen_sums: dict, workdir: str,
+           log: Callable[[str], None]) -> Any:
+  """The state of the newest intact checkpoint (the data iterator set to it), or `state` if there is none.
+  A damaged step is moved to workdir/damaged_checkpoints/ and the one before is tried."""
+  damaged = []
+  for saved_step in reversed(run.all_steps()):
+    try:
+      restored, extra = run.restore(saved_step, state)
+    except checkpoints.DamagedCheckpoint as error:
+      moved = run.set_aside(saved_step) if jax.process_index() == 0 else ''
+      _sync_processes(f'set aside {saved_step}')
+      log(f'{error}; moved to {moved}, trying the checkpoint before it')
+      damaged.append(saved_step)
+      continue
+    changed = checkpoints.checksum_mismatches(extra['frozen_checksums'], frozen_sums)
+    if changed:
+      raise UserError(f'{workdir} was trained from other frozen weights than config.init gives now '
+                      f'({len(changed)} params differ, e.g. {changed[0]}); use the same init.checkpoint or a new workdir')
+    data.set_state(extra['data'])
+    log(f'resumed from step {saved_step} in {run.directory}'
+        + (f' (newer damaged steps {damaged} set aside in {run.damaged_directory})' if damaged else ''))
+    return restored
+  if damaged:
+    log(f'no intact checkpoint is left (damaged steps {damaged} set aside in {run.damaged_directory}); '
+        'training starts from step 0')
+  return state
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+# What a failed write surfaces as: OSError, or tensorstore's ValueError / RuntimeError around one (e.g.
+# 'RESOURCE_EXHAUSTED: ... No space left on device').
+SAVE_ERRORS = (OSError, ValueError, RuntimeError)
+
+
+def _save_failed(at_step: int | None, run: checkpoints.RunCheckpoints, error: Exception) -> UserError:
+  """The message for a checkpoint that could not be written (asynchronous saves fail at the next save or wait,
+  so the step named is the one being saved or waited for)."""
+  kept = run.latest_step(reload=True)
+  where = f'checkpoint step {at_step}' if at_step is not None else 'a checkpoint'
+  return UserError(f'could not write {where} to {run.directory} ({_write_problem(error)}); '
+                   + (f'the last complete checkpoint is step {kept}; ' if kept is not None else 'no checkpoint was kept; ')
+                   + 'free space (or fix the directory) and rerun the same command to resume')
+
+
+def _write_problem(error: Exception) -> str:
+  text = str(error)
+  for known in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), os.strerror(errno.EROFS),
+                os.strerror(errno.EACCES)):
+    if known in text:
+      return known
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return f'{type(error).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ""}'
+
+
+def _stop_on_signals(stop: dict) -> dict:
+  """SIGTERM and Ctrl-C (SIGINT) finish the current step, save a checkpoint and stop (exit 128 + signal);
+  a second Ctrl-C interrupts at once."""
+  def handler(signum, frame):
+    del frame
+    stop.update(signal=signum)
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+  previous = {}
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    try:
+      previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread: no signal handling
+      pass
+  return previous
+
+
+def _restore_signals(previous: dict) -> None:
+  for signum, handler in previous.items():
+    signal.signal(signum, handler)
+
+
+class StepGuard:
+  """Counts rejected steps (non-finite or exploding: `accepted` false) in a row, reading each step's flag
+  while the next one runs; `max_in_a_row` of them stop the run with a UserError."""
+
+  def __init__(self, max_in_a_row: int):
+    self.max_in_a_row = max_in_a_row
+    self.in_a_row = 0
+    self.rejected = 0
+    self._pending: list[tuple[int, dict, str, int | None]] = []
+
+  def add(self, step_number: int, metrics: dict, run_directory: str, last_saved: int | None) -> None:
+    self._pending.append((step_number, metrics, run_directory, last_saved))
+    while len(self._pending) > 1:
+      self._check(*self._pending.pop(0))
+
+  def check_all(self) -> None:
+    while self._pending:
+      self._check(*self._pending.pop(0))
+
+  def _check(self, step_number: int, metrics: dict, run_directory: str, last_saved: int | None) -> None:
+    values = jax.device_get({k: metrics[k] for k in ('accepted', 'finite', 'loss', 'update_norm', 'param_norm')})
+    if bool(values['accepted']):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.rejected += 1
+    if self.in_a_row >= self.max_in_a_row:
+      why = ('non-finite loss or gradient' if not bool(values['finite']) else
+             f'exploding step: loss {float(values["loss"]):.3g}, update norm {float(values["update_norm"]):.3g} '
+             f'for params of norm {float(values["param_norm"]):.3g}')
+      kept = (f'the last checkpoint, step {last_saved}, holds only accepted steps ({run_directory})'
+              if last_saved is not None else 'no checkpoint was written')
+      raise UserError(f'{self.in_a_row} steps in a row were rejected (the last, step {step_number}: {why}); their '
+                      f'updates were skipped. Lower train.lr, enable train.grad_clip_norm, or check the data '
+                      f'(limits: train.max_nonfinite_in_a_row, train.max_loss, train.max_update_ratio); {kept}')
+
+
+class SkipReporter:
+  """Skipped samples by reason, from the data iterator's cumulative metrics: new skips on each log line,
+  all of them at the end."""
+
+  def __init__(self, data: Any, log: Callable[[str], None]):
+    self.data, self.log = data, log
+    self.reported = self._counts()
+
+  def _counts(self) -> dict[str, int]:
+    prefix = 'data/skipped/'
+    return {k[len(prefix):]: v for k, v in self.data.metrics().items() if k.startswith(prefix)}
+
+  def postfix(self) -> dict[str, int]:
+    total = sum(self._counts().values())
+    return {'skipped': total} if total else {}
+
+  def report_new(self, at_step: int) -> None:
+    counts = self._counts()
+    new = {reason: n - self.reported.get(reason, 0) for reason, n in counts.items() if n > self.reported.get(reason, 0)}
+    if new:
+      self.log(f'step {at_step}: skipped {sum(new.values())} more samples ({_by_reason(new)}); '
+               f'{sum(counts.values())} in all')
+    self.reported = counts
+
+  def summary(self) -> str:
+    counts = self._counts()
+    metrics = self.data.metrics()
+    if 'data/attempts' not in metrics:  # generated data: nothing can be skipped
+      return ''
+    if not sum(counts.values()):
+      return f'skipped samples: none of {metrics["data/attempts"]:,d} read' 
+    return (f'skipped samples: {sum(counts.values()):,d} of {metrics.get("data/attempts", 0):,d} attempts '
+            f'({_by_reason(counts)})')
+
+
+def _by_reason(counts: dict[str, int]) -> str:
+  return ', '.join(f'{reason} {n:,d}' for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n)
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -272,13 +471,9 @@ def _summarise(window: list[_StepRecord], seconds: float, process_count: int) ->
           'grad_norm': mean('grad_norm'), 'lr': float(device_metrics[-1]['lr']),
           'mask_rate': float(np.mean([r.mask_rate for r in window])), 'kept_tokens': window[-1].kept_tokens,
           'nonfinite_steps': int(sum(not bool(m['finite']) for m in device_metrics)),
+          'rejected_steps': int(sum(not bool(m['accepted']) for m in device_metrics)),
+          'update_norm': mean('update_norm'),
           'step_time_s': seconds / len(window), 'tokens_per_s': tokens / seconds, 'frames_per_s': frames / seconds}
-
-
-def _count_nonfinite(window: list[_StepRecord], in_a_row: int) -> int:
-  for finite in jax.device_get([r.metrics['finite'] for r in window]):
-    in_a_row = 0 if finite else in_a_row + 1
-  return in_a_row
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -38,7 +38,8 @@ refuses a state made for different ones.
 Bad input: a sample that fails (see errors.REASONS) is skipped, counted by reason and replaced by a random
 row of the same dataset. The run stops with a DataError naming the dataset and its first failing paths
 when more than `max_failure_share` of a dataset's attempts failed (after `failure_check_after` attempts),
-or when one slot fails `max_attempts_per_sample` times in a row.
+or when one slot fails `max_attempts_per_sample` times in a row; at the end of a run the share is checked
+whatever the number of attempts (`TrainIterator.check_failures(final=True)`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class DataConfig:
   min_video_frames: int = 2  # videos with fewer frames are skipped (too_few_frames)
   max_frame_pixels: int = 3840 * 2160  # larger frames are skipped (frame_too_large) before decoding
   decode_threads: int = 1  # FFmpeg threads per video (parallelism comes from workers)
+  # A row's video must resolve (symlinks followed) inside its media_root, or inside one of these directories.
+  allowed_media_dirs: tuple[str, ...] = ()
 
   def validate(self) -> None:
     if not self.datasets:
@@ -192,6 +195,7 @@ def parse_config(config: Any) -> DataConfig:
   datasets = _dataset_specs(values.pop('datasets', ()))
   cfg = configlib.from_dict(DataConfig, values, 'data')
   cfg = dataclasses.replace(cfg, datasets=datasets, crop_scale=tuple(float(x) for x in cfg.crop_scale),
+                            allowed_media_dirs=tuple(str(d) for d in cfg.allowed_media_dirs),
                             text_buckets=tuple(sorted(cfg.text_buckets)),
                             qformer_buckets=tuple(sorted(cfg.qformer_buckets)))
   cfg.validate()
@@ -205,7 +209,8 @@ def _sample_options(cfg: DataConfig) -> SampleOptions:
   return SampleOptions(llm_tokenizer=cfg.llm_tokenizer, qformer_tokenizer=cfg.qformer_tokenizer,
                        max_text_length=max(cfg.text_buckets), qformer_max_length=cfg.qformer_max_length,
                        image_size=cfg.image_size, crop_scale=cfg.crop_scale, min_video_frames=cfg.min_video_frames,
-                       max_frame_pixels=cfg.max_frame_pixels, decode_threads=cfg.decode_threads)
+                       max_frame_pixels=cfg.max_frame_pixels, decode_threads=cfg.decode_threads,
+                       allowed_media_dirs=tuple(cfg.allowed_media_dirs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,12 +286,14 @@ def _failure_report(name: str, per_dataset: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def check_failures(stats: dict[str, Any], cfg: DataConfig) -> None:
-  """DataError when a dataset's share of failed attempts is too high."""
+def check_failures(stats: dict[str, Any], cfg: DataConfig, final: bool = False) -> None:
+  """DataError when a dataset's share of failed attempts is too high: checked once it has had
+  `failure_check_after` attempts, and at the end of a run (`final`) whatever their number."""
   for spec in cfg.datasets:
     per_dataset = stats['datasets'][spec.name]
     attempts, skipped = per_dataset['attempts'], per_dataset['skipped']
-    if attempts >= cfg.failure_check_after and skipped > cfg.max_failure_share * attempts:
+    enough = attempts >= (1 if final else cfg.failure_check_after)
+    if enough and skipped > cfg.max_failure_share * attempts:
       raise DataError(
           f'dataset {spec.name!r}: {skipped} of {attempts} samples failed ({skipped / attempts:.0%} > '
           f'data.max_failure_share {cfg.max_failure_share:.0%}). Check its annotation {spec.annotation!r} and '
@@ -429,6 +436,10 @@ class TrainIterator:
 
   def metrics(self) -> dict[str, int]:
     return metrics(self._stats)
+
+  def check_failures(self, final: bool = False) -> None:
+    """DataError if a dataset's share of failures passes data.max_failure_share (see `check_failures`)."""
+    check_failures(self._stats, self.cfg, final)
 
   # -- cleanup
 
