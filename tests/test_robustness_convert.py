@@ -1,0 +1,67 @@
+"""Issue #16, a robustness review of `python -m stllm_jax.convert`: each case gives an input, the exit status
+and the message the user reads.
+
+The checkpoints are the tiny random models of tests/test_convert_cli.py (its `world` fixture), written in
+each layout by tests/convert_layouts.py.
+"""
+
+import os
+
+import pytest
+import torch
+
+import convert_layouts as layouts
+from stllm_jax import checkpoints
+from test_convert_cli import TINY, fresh, run_cli, world  # noqa: F401  (world: the module's fixture)
+
+
+def one_line_error(status, err):
+  """The `error: ...` message of a user error: exit status 2, one line, no traceback."""
+  assert status == 2, err
+  assert 'Traceback' not in err, err
+  message = err[err.index('error: '):].strip()
+  assert '\n' not in message, message
+  return message
+
+
+# ------------------------------------------------- 1. verify trusts pickles on the command line's word only
+
+class OpensFile:
+  """Unpickled, this object calls open(path, 'w'): a visible stand-in for the code a pickle can run."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return open, (self.path, 'w')
+
+
+@pytest.fixture(scope='module')
+def pickled_lavis(world):
+  """LAVIS files whose InstructBLIP .pth also pickles an `OpensFile`, and the file it would create."""
+  paths = layouts.lavis_files(os.path.join(world.root, 'lavis_pickled'), world.model, world.cfg, world.llm_tokenizer)
+  marker = os.path.join(world.root, 'unpickled.marker')
+  state = torch.load(paths['instructblip'], weights_only=True)
+  torch.save(dict(state, config=OpensFile(marker)), paths['instructblip'])
+  return paths, marker
+
+
+def test_verify_unpickles_only_with_the_flag_whatever_conversion_json_says(world, pickled_lavis, capsys):
+  paths, marker = pickled_lavis
+  out = fresh(world, 'lavis_trusted')
+  status, _, err = run_cli(capsys, 'lavis', '--vit', paths['vit'], '--instructblip', paths['instructblip'], '--llm',
+                           paths['llm'], '--trust-pickle', '--out', out, '--config', TINY)
+  assert status == 0, err
+  assert checkpoints.conversion_info(out)['trust_pickle'] is True  # as a directory from someone else may say
+  os.remove(marker)
+
+  status, _, err = run_cli(capsys, 'verify', out)
+  message = one_line_error(status, err)
+  assert message == (f'error: {paths["instructblip"]} pickles Python objects besides tensors (e.g. '
+                     f'{open.__module__}.open), so it is not loaded. If you trust the file (unpickling it can run code), '
+                     'pass --trust-pickle.')
+  assert not os.path.exists(marker)
+
+  status, printed, err = run_cli(capsys, 'verify', out, '--trust-pickle', '--tolerance', '1e-5')
+  assert status == 0 and 'OK' in printed, printed + err
+  assert os.path.exists(marker)
