@@ -5,13 +5,16 @@ The checkpoints are the tiny random models of tests/test_convert_cli.py (its `wo
 each layout by tests/convert_layouts.py.
 """
 
+import copy
 import os
 
 import pytest
+import safetensors.torch
 import torch
 
 import convert_layouts as layouts
 from stllm_jax import checkpoints
+from stllm_jax.convert import verify
 from test_convert_cli import TINY, fresh, run_cli, world  # noqa: F401  (world: the module's fixture)
 
 
@@ -65,3 +68,41 @@ def test_verify_unpickles_only_with_the_flag_whatever_conversion_json_says(world
   status, printed, err = run_cli(capsys, 'verify', out, '--trust-pickle', '--tolerance', '1e-5')
   assert status == 0 and 'OK' in printed, printed + err
   assert os.path.exists(marker)
+
+
+# ------------------------------------------- 3. a non-zero k bias of the ViT is dropped: softmax cancels it
+
+def with_k_bias(model, layer, seed):
+  """A copy of `model` whose ViT block `layer` has a random k third in its fused qkv bias."""
+  model = copy.deepcopy(model)
+  bias = model.vision_model.encoder.layers[layer].self_attn.qkv.bias
+  width = bias.shape[0] // 3
+  k_bias = torch.randn(width, generator=torch.Generator().manual_seed(seed)) * 0.5
+  with torch.no_grad():
+    bias[width:2 * width] = k_bias
+  return model, float(k_bias.abs().max())
+
+
+def test_a_nonzero_k_bias_converts_exactly_with_a_note_and_exports_as_zeros(world, capsys):
+  model, k_max = with_k_bias(world.model, layer=1, seed=3)
+  source = layouts.hf_dir(fresh(world, 'hf_k_bias'), model, 'safetensors', world.llm_tokenizer,
+                          world.qformer_tokenizer)
+  out = fresh(world, 'k_bias')
+  status, printed, err = run_cli(capsys, 'hf-instructblip', source, '--out', out, '--config', TINY)
+  assert status == 0, err
+  note = (f'the k third of vision_model.encoder.layers.N.self_attn.qkv.bias is not zero in 1 of '
+          f'{world.cfg.vision.depth} layers (N = 1; max |k| {k_max:.3g}): dropped, exactly')
+  assert f'note: {note}' in printed, printed
+  assert 'vision/blocks/layers_N/attn/q_bias' in printed
+  assert any(n.startswith(note) for n in checkpoints.conversion_info(out)['notes'])
+  result = verify.verify(out, verify.SourceSpec('hf-instructblip', {'source': source}), log=lambda message: None)
+  assert result.relative_error <= 1e-5, result
+
+  exported = fresh(world, 'k_bias_exported')
+  status, _, err = run_cli(capsys, 'export-hf', out, exported)
+  assert status == 0, err
+  written = safetensors.torch.load_file(os.path.join(exported, 'model.safetensors'))
+  name = 'vision_model.encoder.layers.1.self_attn.qkv.bias'
+  q, k, v = written[name].chunk(3)
+  q_source, _, v_source = model.state_dict()[name].chunk(3)
+  assert torch.equal(q, q_source) and torch.equal(v, v_source) and not k.any()

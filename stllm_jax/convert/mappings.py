@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -92,15 +92,15 @@ class Conv(Copy):
 
 @dataclasses.dataclass(frozen=True)
 class FusedQVBias(Copy):
-  """Hugging Face's BLIP qkv bias [3D] = [q_bias, 0, v_bias] <-> EVA's `q_bias` and `v_bias`.
+  """Hugging Face's BLIP qkv bias [3D] = [q_bias, k_bias, v_bias] <-> EVA's `q_bias` and `v_bias`.
 
-  The k part must be zero: EVA has no k bias, so a non-zero one cannot be represented and is refused.
+  EVA has no k bias, and needs none: a k bias adds q . k_bias to every score of a query row, the same value
+  across the row, which softmax cancels exactly. It is dropped (`k_bias_maxima` finds non-zero ones to say so)
+  and written back as zeros.
   """
 
   def __call__(self, m, a):
-    q, k, v = np.split(a, 3)
-    if np.any(k != 0):
-      raise ValueError(f'its k bias is not zero (max |k| = {np.abs(k).max():.3g}); EVA-ViT has no k bias')
+    q, _, v = np.split(a, 3)
     prefix = _path(self.template, m)
     return [(f'{prefix}/q_bias', q), (f'{prefix}/v_bias', v)]
 
@@ -239,6 +239,20 @@ def llama_rules(source_prefix: str, target_prefix: str, inv_freq: Callable[[np.n
 
 # ---------------------------------------------------------------------------------------- InstructBLIP
 
+HF_QKV_BIAS = r'vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias'
+
+
+def k_bias_maxima(qkv_biases: Iterable[tuple[str, np.ndarray]]) -> dict[int, float]:
+  """{ViT layer: max |k bias|} of the fused qkv biases (`HF_QKV_BIAS`) whose k third is not zero."""
+  maxima = {}
+  for name, bias in qkv_biases:
+    if bias.ndim == 1 and bias.size % 3 == 0:  # any other shape is reported by the strict load
+      k_max = float(np.abs(np.split(bias.astype(np.float32), 3)[1]).max())
+      if k_max:
+        maxima[int(re.fullmatch(HF_QKV_BIAS, name).group(1))] = k_max
+  return maxima
+
+
 def hf_instructblip_rules(inv_freq: Callable[[np.ndarray], str] | None = None) -> list[Rule]:
   """Hugging Face `InstructBlipForConditionalGeneration` names -> our `STLLM` tree."""
   vision = r'vision_model\.'
@@ -254,7 +268,7 @@ def hf_instructblip_rules(inv_freq: Callable[[np.ndarray], str] | None = None) -
       (vision + r'embeddings\.patch_embedding\.bias', copy('vision/patch_embed/bias')),
       (block + r'layer_norm([12])\.' + NORM, copy(vblock + 'norm{1}/{norm}')),
       (block + r'self_attn\.qkv\.weight', linear(vblock + 'attn/qkv/kernel')),
-      (block + r'self_attn\.qkv\.bias', fused_qv_bias(vblock + 'attn')),
+      (HF_QKV_BIAS, fused_qv_bias(vblock + 'attn')),
       (block + r'self_attn\.projection\.' + W_OR_B, linear(vblock + 'attn/out/{param}')),
       (block + r'mlp\.fc([12])\.' + W_OR_B, linear(vblock + 'fc{1}/{param}')),
       (vision + r'post_layernorm\.' + NORM, copy('ln_vision/{norm}')),

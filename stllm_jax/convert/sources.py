@@ -155,8 +155,21 @@ def prepare_hf_instructblip(directory: str, base: ml_collections.ConfigDict | No
   qformer_dir = os.path.join(directory, QFORMER_TOKENIZER_SUBDIR)
   tokenizers = {'llm': llm_tokenizer or (directory if has_tokenizer(directory) else ''),
                 'qformer': qformer_tokenizer or (qformer_dir if has_tokenizer(qformer_dir) else '')}
-  return Prepared('hf-instructblip', cfg, TensorSet(hf_directory_files(directory), directory), rules, tokenizers,
-                  [], {'kind': 'hf-instructblip', 'source': directory})
+  tensors = TensorSet(hf_directory_files(directory), directory)
+  notes = k_bias_notes(mappings.k_bias_maxima(tensors.matching(mappings.HF_QKV_BIAS)), cfg.vision.depth)
+  return Prepared('hf-instructblip', cfg, tensors, rules, tokenizers, notes,
+                  {'kind': 'hf-instructblip', 'source': directory})
+
+
+def k_bias_notes(maxima: dict[int, float], depth: int) -> list[str]:
+  """The note on the non-zero k biases `mappings.FusedQVBias` drops ({ViT layer: max |k bias|}; none: [])."""
+  if not maxima:
+    return []
+  layers = ', '.join(str(layer) for layer in sorted(maxima))
+  return [f'the k third of vision_model.encoder.layers.N.self_attn.qkv.bias is not zero in {len(maxima)} of {depth} '
+          f'layers (N = {layers}; max |k| {max(maxima.values()):.3g}): dropped, exactly (a k bias adds q . k_bias to '
+          'every score of a query row, which softmax cancels); the q and v thirds fill '
+          'vision/blocks/layers_N/attn/q_bias and v_bias']
 
 
 def prepare_lavis(vit: str, instructblip: str, llm: str, base: ml_collections.ConfigDict | None = None,
