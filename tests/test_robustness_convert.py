@@ -6,15 +6,21 @@ each layout by tests/convert_layouts.py.
 """
 
 import copy
+import json
 import os
 
+import jax
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import transformers
 
 import convert_layouts as layouts
+from conftest import relative_error, torch_images
 from stllm_jax import checkpoints
 from stllm_jax.convert import verify
+from stllm_jax.models import stllm
 from test_convert_cli import TINY, fresh, run_cli, world  # noqa: F401  (world: the module's fixture)
 
 
@@ -61,8 +67,8 @@ def test_verify_unpickles_only_with_the_flag_whatever_conversion_json_says(world
   status, _, err = run_cli(capsys, 'verify', out)
   message = one_line_error(status, err)
   assert message == (f'error: {paths["instructblip"]} pickles Python objects besides tensors (e.g. '
-                     f'{open.__module__}.open), so it is not loaded. If you trust the file (unpickling it can run code), '
-                     'pass --trust-pickle.')
+                     f'{open.__module__}.open), so it is not loaded. If you trust the file (unpickling it can run '
+                     'code), pass --trust-pickle.')
   assert not os.path.exists(marker)
 
   status, printed, err = run_cli(capsys, 'verify', out, '--trust-pickle', '--tolerance', '1e-5')
@@ -106,3 +112,43 @@ def test_a_nonzero_k_bias_converts_exactly_with_a_note_and_exports_as_zeros(worl
   q, k, v = written[name].chunk(3)
   q_source, _, v_source = model.state_dict()[name].chunk(3)
   assert torch.equal(q, q_source) and torch.equal(v, v_source) and not k.any()
+
+
+# ------------------------------------------------ 2. an exported model runs `generate` in transformers
+
+def test_an_exported_model_generates_in_transformers_with_our_logits(world, capsys, parity):
+  source = layouts.hf_dir(fresh(world, 'hf_for_export'), world.model, 'safetensors', world.llm_tokenizer,
+                          world.qformer_tokenizer)
+  converted, exported = fresh(world, 'for_export'), fresh(world, 'exported')
+  assert run_cli(capsys, 'hf-instructblip', source, '--out', converted, '--config', TINY)[0] == 0
+  status, printed, err = run_cli(capsys, 'export-hf', converted, exported)
+  assert status == 0, err
+  vocab = world.cfg.llm.vocab_size
+  assert f'<image> (id {vocab})' in printed
+
+  model = transformers.InstructBlipForConditionalGeneration.from_pretrained(exported, dtype=torch.float32).eval()
+  image_id = model.config.image_token_index
+  assert image_id == vocab and model.config.text_config.vocab_size == vocab + 1  # a new token, as Hugging Face's
+  assert transformers.AutoTokenizer.from_pretrained(exported).convert_tokens_to_ids('<image>') == image_id
+  with open(os.path.join(exported, 'stllm_config.json')) as f:
+    info = json.load(f)
+  assert (info['image_token'], info['image_token_index']) == ('<image>', image_id)
+
+  loaded = checkpoints.load_model(converted)
+  cfg = stllm.model_config(loaded.model_config)
+  batch = verify.random_batch(loaded.model_config, num_frames=1, text_len=6, qformer_text_len=5, seed=0)
+  ours = np.asarray(jax.jit(lambda p, b: stllm.STLLM(cfg).apply({'params': p}, b))(loaded.params, batch))
+  visual = cfg.qformer.num_query_tokens
+  inputs = dict(pixel_values=torch_images(batch['frames'][:, 0]),
+                qformer_input_ids=torch.tensor(batch['qformer_input_ids']).long(),
+                qformer_attention_mask=torch.tensor(batch['qformer_attention_mask']).long(),
+                input_ids=torch.tensor([[image_id] * visual + batch['input_ids'][0].tolist()]),  # [V : text]
+                attention_mask=torch.ones(1, visual + batch['input_ids'].shape[1], dtype=torch.long))
+  with torch.no_grad():
+    logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, suppress_tokens=[image_id],
+                               output_logits=True, return_dict_in_generate=True)
+  assert parity('export-hf -> transformers forward (tiny)', 'float32', ours, logits[..., :vocab]) <= 1e-5
+  assert relative_error(ours[:, -1], generated.logits[0][:, :vocab]) <= 1e-5
+  assert generated.sequences.shape[1] == inputs['input_ids'].shape[1] + 2
+  assert image_id not in generated.sequences[0, -2:]

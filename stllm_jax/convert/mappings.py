@@ -110,6 +110,12 @@ class FusedQVBias(Copy):
     return np.concatenate([q, np.zeros_like(q), v]).reshape(shape)
 
 
+def with_mean_rows(a: np.ndarray, new_rows: int) -> np.ndarray:
+  """[rows, D] -> [rows + new_rows, D]: each new row the mean of the existing rows (computed in float64)."""
+  mean = a.astype(np.float64).mean(axis=0, keepdims=True).astype(a.dtype)
+  return np.concatenate([a] + [mean] * new_rows, axis=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class WithMeanRows(Copy):
   """An embedding or LM-head matrix [rows, D] grown by `new_rows` rows, each the mean of the existing rows
@@ -120,8 +126,7 @@ class WithMeanRows(Copy):
   transpose: bool = False
 
   def __call__(self, m, a):
-    mean = a.astype(np.float64).mean(axis=0, keepdims=True).astype(a.dtype)
-    grown = np.concatenate([a] + [mean] * self.new_rows, axis=0)
+    grown = with_mean_rows(a, self.new_rows)
     return [(_path(self.template, m), grown.T if self.transpose else grown)]
 
   def inverse(self, m, get, shape):
