@@ -28,7 +28,7 @@ def test_missing_tensor_is_named(state_dict, hf_instructblip):
   broken = {k: v for k, v in state_dict.items() if k != 'language_model.model.layers.1.mlp.up_proj.weight'}
   with pytest.raises(strict.CheckpointMismatch, match=r'missing.*\n.*llm/blocks/layers_1/mlp/up/kernel \[64, 96\]') as err:
     load(broken, hf_instructblip)
-  assert err.value.missing == ['llm/blocks/layers_1/mlp/up/kernel [64, 96]']
+  assert err.value.missing == ['language_model.model.layers.1.mlp.up_proj.weight -> llm/blocks/layers_1/mlp/up/kernel [64, 96]']
   assert not err.value.unused and not err.value.misshaped
 
 
@@ -76,7 +76,7 @@ def test_all_problems_are_listed_at_once(state_dict, hf_instructblip):
   broken['language_projection.bias'] = torch.zeros(65)
   with pytest.raises(strict.CheckpointMismatch) as err:
     load(broken, hf_instructblip)
-  assert err.value.missing == ['qformer/query_tokens [1, 4, 32]']
+  assert err.value.missing == ['query_tokens -> qformer/query_tokens [1, 4, 32]']
   assert err.value.unused == ['unexpected.tensor']
   assert len(err.value.misshaped) == 1
 

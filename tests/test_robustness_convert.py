@@ -8,6 +8,7 @@ each layout by tests/convert_layouts.py.
 import copy
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -18,8 +19,9 @@ import transformers
 
 import convert_layouts as layouts
 from conftest import relative_error, torch_images
-from stllm_jax import checkpoints
-from stllm_jax.convert import verify
+from stllm_jax import checkpoints, configlib
+from stllm_jax.convert import export, hf, mappings, sources, strict, verify
+from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
 from test_convert_cli import TINY, fresh, run_cli, world  # noqa: F401  (world: the module's fixture)
 
@@ -152,3 +154,104 @@ def test_an_exported_model_generates_in_transformers_with_our_logits(world, caps
   assert relative_error(ours[:, -1], generated.logits[0][:, :vocab]) <= 1e-5
   assert generated.sequences.shape[1] == inputs['input_ids'].shape[1] + 2
   assert image_id not in generated.sequences[0, -2:]
+
+
+# ----------------------------------------- 4. a tensor the source lacks is named by its source name too
+
+def without(state, name):
+  return {k: v for k, v in state.items() if k != name}
+
+
+def hf_source_without(world, name):
+  directory = fresh(world, 'hf_without')
+  world.model.config.save_pretrained(directory)
+  safetensors.torch.save_file(without(world.model.state_dict(), name), os.path.join(directory, 'model.safetensors'))
+  return ['hf-instructblip', directory]
+
+
+def lavis_source_without(world, name):
+  paths = layouts.lavis_files(fresh(world, 'lavis_without'), world.model, world.cfg, world.llm_tokenizer)
+  torch.save(without(torch.load(paths['vit'], weights_only=True), name), paths['vit'])
+  return ['lavis', '--vit', paths['vit'], '--instructblip', paths['instructblip'], '--llm', paths['llm']]
+
+
+def stllm_source_without(world, name):
+  directory = fresh(world, 'stllm_without')
+  layouts.write_config(directory, dict(world.model.config.text_config.to_dict(), model_type='st_llm_hf'))
+  layouts.save_bin_shards(directory, without(layouts.stllm_state(world.model, world.cfg), name), 2)
+  return ['stllm', directory]
+
+
+@pytest.mark.parametrize('source, dropped, lines', [
+    (hf_source_without, 'language_model.model.layers.1.mlp.up_proj.weight',
+     ['language_model.model.layers.1.mlp.up_proj.weight -> llm/blocks/layers_1/mlp/up/kernel [64, 128]']),
+    (hf_source_without, 'vision_model.encoder.layers.0.self_attn.qkv.bias',
+     ['vision_model.encoder.layers.0.self_attn.qkv.bias -> vision/blocks/layers_0/attn/q_bias [4, 16]',
+      'vision_model.encoder.layers.0.self_attn.qkv.bias -> vision/blocks/layers_0/attn/v_bias [4, 16]']),
+    (hf_source_without, 'qformer.encoder.layer.0.crossattention.attention.key.bias',
+     ['qformer.encoder.layer.0.crossattention.attention.key.bias -> qformer/layers_0/cross_attention/key/bias [4, 12]']),
+    (lavis_source_without, 'blocks.1.norm2.weight',
+     ['visual_encoder.blocks.1.norm2.weight -> vision/blocks/layers_1/norm2/scale [64]']),
+    (stllm_source_without, 'model.stllm_model.Qformer.bert.encoder.layer.1.output_query.dense.weight',
+     ['model.stllm_model.Qformer.bert.encoder.layer.1.output_query.dense.weight -> '
+      'qformer/layers_1/query_ffn/fc2/kernel [96, 48]']),
+], ids=['hf-llm', 'hf-fused-qkv-bias', 'hf-qformer', 'lavis-vit', 'stllm-qformer'])
+def test_a_dropped_source_tensor_is_named_beside_its_parameter(world, capsys, source, dropped, lines):
+  out = fresh(world, 'without_out')
+  status, _, err = run_cli(capsys, *source(world, dropped), '--out', out, '--config', TINY)
+  assert status == 2 and 'Traceback' not in err, err
+  listed = [line.strip() for line in err[err.index('error: '):].splitlines()]
+  assert listed[1] == f'missing (no source tensor for these model parameters): {len(lines)}', err
+  assert listed[2:2 + len(lines)] == lines, err
+  assert listed[-1] == 'Nothing was written.'
+
+
+def test_the_notes_name_the_source_tensors_a_conversion_drops(world):
+  base = configlib.load_config_file(TINY).model
+  paths = layouts.lavis_files(fresh(world, 'lavis_notes'), world.model, world.cfg, world.llm_tokenizer)
+  notes = sources.prepare_lavis(paths['vit'], paths['instructblip'], paths['llm'], base).notes
+  assert ('EVA-ViT-g block 2 (the checkpoint\'s last) is dropped: its tensors visual_encoder.blocks.2.* fill no '
+          'parameter (BLIP-2 uses the 2 blocks before it, vision/blocks/layers_0..1)') in notes
+  source = layouts.stllm_dir(fresh(world, 'stllm_notes'), world.model, world.cfg, world.llm_tokenizer)
+  assert ('the second copy of the LLM embedding, model.stllm_model.embed_tokens.weight, is checked equal to '
+          'model.embed_tokens.weight (-> llm/embed/embedding) and not stored') in sources.prepare_stllm(source, base).notes
+
+
+def layout_tensors_and_rules(world, layout):
+  """({source name: tensor}, rules) of `layout`, for the tiny model of `world`."""
+  inv_freq = hf.rope_inv_freq_check(world.cfg.llm)
+  state = world.model.state_dict()
+  if layout == 'hf-instructblip':
+    return state, mappings.hf_instructblip_rules(inv_freq)
+  if layout == 'lavis':
+    return layouts.lavis_tensors(state), mappings.lavis_rules(world.cfg.vision.depth, inv_freq, 0)
+  if layout == 'stllm':
+    return (layouts.stllm_state(world.model, world.cfg, global_local=True, mvm_head=True),
+            mappings.stllm_rules(inv_freq, 4))
+  return world.model.language_model.state_dict(), mappings.llama_rules('', 'llm/', inv_freq)
+
+
+@pytest.mark.parametrize('layout', ['hf-instructblip', 'lavis', 'stllm', 'hf-llama'])
+def test_every_parameter_names_the_source_tensor_that_fills_it(world, layout):
+  tensors, rules = layout_tensors_and_rules(world, layout)
+  named = 0
+  for name, tensor in tensors.items():
+    m, transform = next((m, fn) for pattern, fn in rules if (m := re.fullmatch(pattern, name)))
+    for path, _ in transform(m, strict.to_numpy(tensor)):
+      if not path.startswith(strict.SAME_AS):
+        assert strict.expected_source(rules, path) == name, path
+        named += 1
+  assert named >= 20
+
+
+def test_an_export_that_does_not_fit_names_the_hugging_face_tensor_and_our_param():
+  get = export.ReadOnce({'projection/kernel': np.zeros((48, 64), np.float32),
+                         'projection/bias': np.zeros((64,), np.float32)})
+  rules = mappings.hf_instructblip_rules()
+  with pytest.raises(UserError) as err:
+    export.dry_run([('language_projection.weight', (64, 47)), ('language_projection.bias', (64,))],
+                   lambda name, shape: mappings.export_tensor(rules, name, shape, get), get)
+  assert str(err.value).splitlines() == [
+      'the weights do not map onto the Hugging Face layout:',
+      '  language_projection.weight (from projection/kernel [48, 64]): cannot reshape array of size 3072 into '
+      'shape (47,64)']

@@ -43,24 +43,31 @@ VOCAB_MATRICES = ('language_model.model.embed_tokens.weight', 'language_model.lm
 
 
 class ReadOnce:
-  """Our unscanned params by path; remembers what was read, so an export can prove it wrote each once."""
+  """Our unscanned params by path; remembers what was read, and for which tensor (`reader`, set by the
+  caller), so an export can prove it wrote each once and name both sides of a problem."""
 
   def __init__(self, flat_params: dict[str, Any]):
     self.view = strict.unscanned_view(flat_params)
     self.shapes = strict.unscanned_template(flat_params)  # {path: (shape, dtype)}
-    self.reads: dict[str, int] = {}
+    self.reads: dict[str, list[str]] = {}  # path -> the tensors made from it
+    self.reader = ''  # the Hugging Face tensor being made
 
   def __call__(self, path: str) -> np.ndarray:
     if path not in self.view:
       raise ValueError(f'the weights have no {path}')
-    self.reads[path] = self.reads.get(path, 0) + 1
+    self.reads.setdefault(path, []).append(self.reader)
     return self.view[path]()
+
+  def read_by(self, name: str) -> str:
+    """' (from path [shape], ...)': the params the tensor `name` was made from ('' if none)."""
+    paths = [f'{p} {list(self.shapes[p][0])}' for p, readers in self.reads.items() if name in readers]
+    return f' (from {", ".join(paths)})' if paths else ''
 
   def problems(self) -> list[str]:
     unread = sorted(set(self.view) - set(self.reads))
-    twice = sorted(p for p, n in self.reads.items() if n > 1)
+    twice = sorted(p for p, readers in self.reads.items() if len(readers) > 1)
     return ([f'not written anywhere: {p}' for p in unread[:20]] + (['...'] if len(unread) > 20 else [])
-            + [f'written more than once: {p}' for p in twice])
+            + [f'written more than once: {p} (to {", ".join(self.reads[p])})' for p in twice])
 
 
 def merge_lora(flat: dict[str, Any], llm_config: Any) -> dict[str, Any]:
@@ -184,9 +191,9 @@ def export_hf(ckpt: str, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
   head_get = ReadOnce({k: v for k, v in flat.items() if k.split('/')[0] in mappings.STLLM_HEADS})
   heads = mappings.stllm_head_tensors({k: tuple(v.shape) for k, v in flat.items()})
   produce = with_vocab_rows(lambda name, shape: mappings.export_tensor(rules, name, shape, get), new_rows)
-  _dry_run(specs, produce, get)
-  _dry_run(heads, lambda name, shape: mappings.export_tensor(mappings.stllm_head_rules(''), name, shape, head_get),
-           head_get)
+  dry_run(specs, produce, get)
+  dry_run(heads, lambda name, shape: mappings.export_tensor(mappings.stllm_head_rules(''), name, shape, head_get),
+          head_get)
 
   parent = os.path.dirname(os.path.abspath(out))
   staging = os.path.join(parent, f'{os.path.basename(os.path.abspath(out))}{checkpoints.INCOMPLETE}{os.getpid()}')
@@ -223,23 +230,26 @@ def export_hf(ckpt: str, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
   return dict(tensors=len(specs) + len(heads), bytes=total)
 
 
-def _dry_run(specs: list[tuple[str, tuple[int, ...]]], produce: Callable, get: ReadOnce) -> None:
-  """Maps every name to our params without reading any values: fails before anything is written."""
+def dry_run(specs: list[tuple[str, tuple[int, ...]]], produce: Callable, get: ReadOnce) -> None:
+  """Maps every name to our params without reading any values: fails before anything is written, naming the
+  Hugging Face tensor and the params it is made from."""
   problems = []
   real_view = get.view
   get.view = {p: (lambda shape=shape, dtype=dtype: np.broadcast_to(np.zeros((), dtype), shape))
               for p, (shape, dtype) in get.shapes.items()}
   try:
     for name, shape in specs:
+      get.reader = name
       try:
         array = produce(name, shape)
         if tuple(array.shape) != tuple(shape):
-          problems.append(f'{name}: our params give shape {list(array.shape)}, Hugging Face expects {list(shape)}')
+          problems.append(f'{name}{get.read_by(name)}: our params give shape {list(array.shape)}, Hugging Face '
+                          f'expects {list(shape)}')
       except ValueError as err:
-        problems.append(f'{name}: {err}')
+        problems.append(f'{name}{get.read_by(name)}: {err}')
     problems += get.problems()
   finally:
-    get.view, get.reads = real_view, {}
+    get.view, get.reads, get.reader = real_view, {}, ''
   if problems:
     raise UserError('the weights do not map onto the Hugging Face layout:\n  ' + '\n  '.join(problems))
 

@@ -17,12 +17,16 @@ Layouts:
                 (`mvm_decoder`, `down_proj`/`up_proj`) and the LLM (`model.*`, `lm_head`) (`stllm_rules`).
 Buffers that some checkpoints carry (BERT `position_ids`, LLaMA `rotary_emb.inv_freq`, ST-LLM's
 `residual_index`) are checked against what the model computes, then consumed.
+
+Reports run a rule backwards too: a transform's `source_name(pattern, path)` is the source name it would fill
+`path` from, so a parameter no source tensor fills is listed with the tensor the source lacks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import string
 from typing import Callable, Iterable
 
 import numpy as np
@@ -48,6 +52,76 @@ def _path(template: str, m: re.Match) -> str:
   return template.format(*m.groups(), **{k: RENAMES[k][v] for k, v in m.groupdict().items() if v is not None})
 
 
+def _template_fields(template: str, path: str) -> dict[str, str] | None:
+  """The fields of a path template in `path` ('layers_{0}/{attn}' + 'layers_3/self_attention' -> {'0': '3',
+  'attn': 'self_attention'}); None if `path` is not of the template's form."""
+  regex, seen = [], set()
+  for literal, field, _, _ in string.Formatter().parse(template):
+    regex.append(re.escape(literal))
+    if field is not None:
+      regex.append(f'(?P=f_{field})' if field in seen else f'(?P<f_{field}>[^/]*)')
+      seen.add(field)
+  m = re.fullmatch(''.join(regex), path)
+  return None if m is None else {k[len('f_'):]: v for k, v in m.groupdict().items()}
+
+
+def _group_values(pattern: re.Pattern, fields: dict[str, str]) -> list[str | None]:
+  """The text of each group of `pattern` that fills a template with `fields` (None where no field says)."""
+  names = {index - 1: name for name, index in pattern.groupindex.items()}
+  values = []
+  for i in range(pattern.groups):
+    name = names.get(i)
+    if str(i) in fields:
+      values.append(fields[str(i)])
+    elif name in fields:
+      values.append(next((theirs for theirs, ours in RENAMES[name].items() if ours == fields[name]), None))
+    else:
+      values.append(None)
+  return values
+
+
+def _group_end(pattern: str, start: int) -> int | None:
+  """The index of the ')' closing the group that opens at `start`; None if another group opens inside it."""
+  i = start + 1
+  while i < len(pattern) and pattern[i] not in '()':
+    i += 2 if pattern[i] == '\\' else 1
+  return i if i < len(pattern) and pattern[i] == ')' else None
+
+
+def _fill(pattern: str, values: list[str | None]) -> str | None:
+  """The text `pattern` matches when its i-th group matches values[i], for a pattern of escaped literals and
+  groups; None if it holds anything else (a class, a quantifier, a nested group) or a value is unknown."""
+  out, i, group = [], 0, 0
+  while i < len(pattern):
+    char = pattern[i]
+    if char == '\\' and not pattern[i + 1].isalnum():
+      out.append(pattern[i + 1])
+      i += 2
+    elif char == '(':
+      end = _group_end(pattern, i)
+      if end is None or values[group] is None or pattern[end + 1:end + 2] in ('?', '*', '+', '{'):
+        return None
+      out.append(values[group])
+      group, i = group + 1, end + 1
+    elif char in '\\.^$*+?{}[]|)':
+      return None
+    else:
+      out.append(char)
+      i += 1
+  return ''.join(out)
+
+
+def source_name(pattern: str, template: str, path: str) -> str | None:
+  """The source name that `pattern` matches and that fills `template` as `path`, or None."""
+  fields = _template_fields(template, path)
+  if fields is None:
+    return None
+  compiled = re.compile(pattern)
+  name = _fill(pattern, _group_values(compiled, fields))
+  m = compiled.fullmatch(name) if name is not None else None
+  return name if m and _path(template, m) == path else None
+
+
 # ------------------------------------------------------------------------------------------ transforms
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +134,9 @@ class Copy:
 
   def inverse(self, m: re.Match, get: Getter, shape: tuple[int, ...]) -> np.ndarray:
     return get(_path(self.template, m)).reshape(shape)
+
+  def source_name(self, pattern: str, path: str) -> str | None:
+    return source_name(pattern, self.template, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +186,10 @@ class FusedQVBias(Copy):
     q, v = get(f'{prefix}/q_bias').reshape(-1), get(f'{prefix}/v_bias').reshape(-1)
     return np.concatenate([q, np.zeros_like(q), v]).reshape(shape)
 
+  def source_name(self, pattern, path):
+    prefix, _, leaf = path.rpartition('/')
+    return source_name(pattern, self.template, prefix) if leaf in ('q_bias', 'v_bias') else None
+
 
 def with_mean_rows(a: np.ndarray, new_rows: int) -> np.ndarray:
   """[rows, D] -> [rows + new_rows, D]: each new row the mean of the existing rows (computed in float64)."""
@@ -141,6 +222,9 @@ class SameAs(Copy):
 
   def __call__(self, m, a):
     return [(strict.same_as(_path(self.template, m)), a)]
+
+  def source_name(self, pattern, path):
+    return None  # `template` is the original's path, filled from another tensor
 
 
 @dataclasses.dataclass(frozen=True)
