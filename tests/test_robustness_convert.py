@@ -78,44 +78,6 @@ def test_verify_unpickles_only_with_the_flag_whatever_conversion_json_says(world
   assert os.path.exists(marker)
 
 
-# ------------------------------------------- 3. a non-zero k bias of the ViT is dropped: softmax cancels it
-
-def with_k_bias(model, layer, seed):
-  """A copy of `model` whose ViT block `layer` has a random k third in its fused qkv bias."""
-  model = copy.deepcopy(model)
-  bias = model.vision_model.encoder.layers[layer].self_attn.qkv.bias
-  width = bias.shape[0] // 3
-  k_bias = torch.randn(width, generator=torch.Generator().manual_seed(seed)) * 0.5
-  with torch.no_grad():
-    bias[width:2 * width] = k_bias
-  return model, float(k_bias.abs().max())
-
-
-def test_a_nonzero_k_bias_converts_exactly_with_a_note_and_exports_as_zeros(world, capsys):
-  model, k_max = with_k_bias(world.model, layer=1, seed=3)
-  source = layouts.hf_dir(fresh(world, 'hf_k_bias'), model, 'safetensors', world.llm_tokenizer,
-                          world.qformer_tokenizer)
-  out = fresh(world, 'k_bias')
-  status, printed, err = run_cli(capsys, 'hf-instructblip', source, '--out', out, '--config', TINY)
-  assert status == 0, err
-  note = (f'the k third of vision_model.encoder.layers.N.self_attn.qkv.bias is not zero in 1 of '
-          f'{world.cfg.vision.depth} layers (N = 1; max |k| {k_max:.3g}): dropped, exactly')
-  assert f'note: {note}' in printed, printed
-  assert 'vision/blocks/layers_N/attn/q_bias' in printed
-  assert any(n.startswith(note) for n in checkpoints.conversion_info(out)['notes'])
-  result = verify.verify(out, verify.SourceSpec('hf-instructblip', {'source': source}), log=lambda message: None)
-  assert result.relative_error <= 1e-5, result
-
-  exported = fresh(world, 'k_bias_exported')
-  status, _, err = run_cli(capsys, 'export-hf', out, exported)
-  assert status == 0, err
-  written = safetensors.torch.load_file(os.path.join(exported, 'model.safetensors'))
-  name = 'vision_model.encoder.layers.1.self_attn.qkv.bias'
-  q, k, v = written[name].chunk(3)
-  q_source, _, v_source = model.state_dict()[name].chunk(3)
-  assert torch.equal(q, q_source) and torch.equal(v, v_source) and not k.any()
-
-
 # ------------------------------------------------ 2. an exported model runs `generate` in transformers
 
 def test_an_exported_model_generates_in_transformers_with_our_logits(world, capsys, parity):
@@ -156,6 +118,44 @@ def test_an_exported_model_generates_in_transformers_with_our_logits(world, caps
   assert image_id not in generated.sequences[0, -2:]
 
 
+# ------------------------------------------- 3. a non-zero k bias of the ViT is dropped: softmax cancels it
+
+def with_k_bias(model, layer, seed):
+  """A copy of `model` whose ViT block `layer` has a random k third in its fused qkv bias."""
+  model = copy.deepcopy(model)
+  bias = model.vision_model.encoder.layers[layer].self_attn.qkv.bias
+  width = bias.shape[0] // 3
+  k_bias = torch.randn(width, generator=torch.Generator().manual_seed(seed)) * 0.5
+  with torch.no_grad():
+    bias[width:2 * width] = k_bias
+  return model, float(k_bias.abs().max())
+
+
+def test_a_nonzero_k_bias_converts_exactly_with_a_note_and_exports_as_zeros(world, capsys):
+  model, k_max = with_k_bias(world.model, layer=1, seed=3)
+  source = layouts.hf_dir(fresh(world, 'hf_k_bias'), model, 'safetensors', world.llm_tokenizer,
+                          world.qformer_tokenizer)
+  out = fresh(world, 'k_bias')
+  status, printed, err = run_cli(capsys, 'hf-instructblip', source, '--out', out, '--config', TINY)
+  assert status == 0, err
+  note = (f'the k third of vision_model.encoder.layers.N.self_attn.qkv.bias is not zero in 1 of '
+          f'{world.cfg.vision.depth} layers (N = 1; max |k| {k_max:.3g}): dropped, exactly')
+  assert f'note: {note}' in printed, printed
+  assert 'vision/blocks/layers_N/attn/q_bias' in printed
+  assert any(n.startswith(note) for n in checkpoints.conversion_info(out)['notes'])
+  result = verify.verify(out, verify.SourceSpec('hf-instructblip', {'source': source}), log=lambda message: None)
+  assert result.relative_error <= 1e-5, result
+
+  exported = fresh(world, 'k_bias_exported')
+  status, _, err = run_cli(capsys, 'export-hf', out, exported)
+  assert status == 0, err
+  written = safetensors.torch.load_file(os.path.join(exported, 'model.safetensors'))
+  name = 'vision_model.encoder.layers.1.self_attn.qkv.bias'
+  q, k, v = written[name].chunk(3)
+  q_source, _, v_source = model.state_dict()[name].chunk(3)
+  assert torch.equal(q, q_source) and torch.equal(v, v_source) and not k.any()
+
+
 # ----------------------------------------- 4. a tensor the source lacks is named by its source name too
 
 def without(state, name):
@@ -189,7 +189,8 @@ def stllm_source_without(world, name):
      ['vision_model.encoder.layers.0.self_attn.qkv.bias -> vision/blocks/layers_0/attn/q_bias [4, 16]',
       'vision_model.encoder.layers.0.self_attn.qkv.bias -> vision/blocks/layers_0/attn/v_bias [4, 16]']),
     (hf_source_without, 'qformer.encoder.layer.0.crossattention.attention.key.bias',
-     ['qformer.encoder.layer.0.crossattention.attention.key.bias -> qformer/layers_0/cross_attention/key/bias [4, 12]']),
+     ['qformer.encoder.layer.0.crossattention.attention.key.bias -> '
+      'qformer/layers_0/cross_attention/key/bias [4, 12]']),
     (lavis_source_without, 'blocks.1.norm2.weight',
      ['visual_encoder.blocks.1.norm2.weight -> vision/blocks/layers_1/norm2/scale [64]']),
     (stllm_source_without, 'model.stllm_model.Qformer.bert.encoder.layer.1.output_query.dense.weight',
@@ -213,8 +214,9 @@ def test_the_notes_name_the_source_tensors_a_conversion_drops(world):
   assert ('EVA-ViT-g block 2 (the checkpoint\'s last) is dropped: its tensors visual_encoder.blocks.2.* fill no '
           'parameter (BLIP-2 uses the 2 blocks before it, vision/blocks/layers_0..1)') in notes
   source = layouts.stllm_dir(fresh(world, 'stllm_notes'), world.model, world.cfg, world.llm_tokenizer)
+  notes = sources.prepare_stllm(source, base).notes
   assert ('the second copy of the LLM embedding, model.stllm_model.embed_tokens.weight, is checked equal to '
-          'model.embed_tokens.weight (-> llm/embed/embedding) and not stored') in sources.prepare_stllm(source, base).notes
+          'model.embed_tokens.weight (-> llm/embed/embedding) and not stored') in notes
 
 
 def layout_tensors_and_rules(world, layout):
