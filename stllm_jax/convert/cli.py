@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--vit', default='')
   p.add_argument('--instructblip', default='')
   p.add_argument('--llm', default='')
-  p.add_argument('--trust-pickle', action='store_true', help='as for `lavis`')
+  p.add_argument('--trust-pickle', action='store_true', help='as for `lavis`; a conversion made with it does not '
+                 'pass it on: verify unpickles only when given it here')
   p.add_argument('--frames', type=int, default=0, help='default: 2, or the local frames of global-local models')
   p.add_argument('--text-len', type=int, default=16)
   p.add_argument('--seed', type=int, default=0)

@@ -17,13 +17,17 @@ Layouts:
                 (`mvm_decoder`, `down_proj`/`up_proj`) and the LLM (`model.*`, `lm_head`) (`stllm_rules`).
 Buffers that some checkpoints carry (BERT `position_ids`, LLaMA `rotary_emb.inv_freq`, ST-LLM's
 `residual_index`) are checked against what the model computes, then consumed.
+
+Reports run a rule backwards too: a transform's `source_name(pattern, path)` is the source name it would fill
+`path` from, so a parameter no source tensor fills is listed with the tensor the source lacks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+import string
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -48,6 +52,76 @@ def _path(template: str, m: re.Match) -> str:
   return template.format(*m.groups(), **{k: RENAMES[k][v] for k, v in m.groupdict().items() if v is not None})
 
 
+def _template_fields(template: str, path: str) -> dict[str, str] | None:
+  """The fields of a path template in `path` ('layers_{0}/{attn}' + 'layers_3/self_attention' -> {'0': '3',
+  'attn': 'self_attention'}); None if `path` is not of the template's form."""
+  regex, seen = [], set()
+  for literal, field, _, _ in string.Formatter().parse(template):
+    regex.append(re.escape(literal))
+    if field is not None:
+      regex.append(f'(?P=f_{field})' if field in seen else f'(?P<f_{field}>[^/]*)')
+      seen.add(field)
+  m = re.fullmatch(''.join(regex), path)
+  return None if m is None else {k[len('f_'):]: v for k, v in m.groupdict().items()}
+
+
+def _group_values(pattern: re.Pattern, fields: dict[str, str]) -> list[str | None]:
+  """The text of each group of `pattern` that fills a template with `fields` (None where no field says)."""
+  names = {index - 1: name for name, index in pattern.groupindex.items()}
+  values = []
+  for i in range(pattern.groups):
+    name = names.get(i)
+    if str(i) in fields:
+      values.append(fields[str(i)])
+    elif name in fields:
+      values.append(next((theirs for theirs, ours in RENAMES[name].items() if ours == fields[name]), None))
+    else:
+      values.append(None)
+  return values
+
+
+def _group_end(pattern: str, start: int) -> int | None:
+  """The index of the ')' closing the group that opens at `start`; None if another group opens inside it."""
+  i = start + 1
+  while i < len(pattern) and pattern[i] not in '()':
+    i += 2 if pattern[i] == '\\' else 1
+  return i if i < len(pattern) and pattern[i] == ')' else None
+
+
+def _fill(pattern: str, values: list[str | None]) -> str | None:
+  """The text `pattern` matches when its i-th group matches values[i], for a pattern of escaped literals and
+  groups; None if it holds anything else (a class, a quantifier, a nested group) or a value is unknown."""
+  out, i, group = [], 0, 0
+  while i < len(pattern):
+    char = pattern[i]
+    if char == '\\' and not pattern[i + 1].isalnum():
+      out.append(pattern[i + 1])
+      i += 2
+    elif char == '(':
+      end = _group_end(pattern, i)
+      if end is None or values[group] is None or pattern[end + 1:end + 2] in ('?', '*', '+', '{'):
+        return None
+      out.append(values[group])
+      group, i = group + 1, end + 1
+    elif char in '\\.^$*+?{}[]|)':
+      return None
+    else:
+      out.append(char)
+      i += 1
+  return ''.join(out)
+
+
+def source_name(pattern: str, template: str, path: str) -> str | None:
+  """The source name that `pattern` matches and that fills `template` as `path`, or None."""
+  fields = _template_fields(template, path)
+  if fields is None:
+    return None
+  compiled = re.compile(pattern)
+  name = _fill(pattern, _group_values(compiled, fields))
+  m = compiled.fullmatch(name) if name is not None else None
+  return name if m and _path(template, m) == path else None
+
+
 # ------------------------------------------------------------------------------------------ transforms
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +134,9 @@ class Copy:
 
   def inverse(self, m: re.Match, get: Getter, shape: tuple[int, ...]) -> np.ndarray:
     return get(_path(self.template, m)).reshape(shape)
+
+  def source_name(self, pattern: str, path: str) -> str | None:
+    return source_name(pattern, self.template, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +169,15 @@ class Conv(Copy):
 
 @dataclasses.dataclass(frozen=True)
 class FusedQVBias(Copy):
-  """Hugging Face's BLIP qkv bias [3D] = [q_bias, 0, v_bias] <-> EVA's `q_bias` and `v_bias`.
+  """Hugging Face's BLIP qkv bias [3D] = [q_bias, k_bias, v_bias] <-> EVA's `q_bias` and `v_bias`.
 
-  The k part must be zero: EVA has no k bias, so a non-zero one cannot be represented and is refused.
+  EVA has no k bias, and needs none: a k bias adds q . k_bias to every score of a query row, the same value
+  across the row, which softmax cancels exactly. It is dropped (`k_bias_maxima` finds non-zero ones to say so)
+  and written back as zeros.
   """
 
   def __call__(self, m, a):
-    q, k, v = np.split(a, 3)
-    if np.any(k != 0):
-      raise ValueError(f'its k bias is not zero (max |k| = {np.abs(k).max():.3g}); EVA-ViT has no k bias')
+    q, _, v = np.split(a, 3)
     prefix = _path(self.template, m)
     return [(f'{prefix}/q_bias', q), (f'{prefix}/v_bias', v)]
 
@@ -108,6 +185,16 @@ class FusedQVBias(Copy):
     prefix = _path(self.template, m)
     q, v = get(f'{prefix}/q_bias').reshape(-1), get(f'{prefix}/v_bias').reshape(-1)
     return np.concatenate([q, np.zeros_like(q), v]).reshape(shape)
+
+  def source_name(self, pattern, path):
+    prefix, _, leaf = path.rpartition('/')
+    return source_name(pattern, self.template, prefix) if leaf in ('q_bias', 'v_bias') else None
+
+
+def with_mean_rows(a: np.ndarray, new_rows: int) -> np.ndarray:
+  """[rows, D] -> [rows + new_rows, D]: each new row the mean of the existing rows (computed in float64)."""
+  mean = a.astype(np.float64).mean(axis=0, keepdims=True).astype(a.dtype)
+  return np.concatenate([a] + [mean] * new_rows, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +207,7 @@ class WithMeanRows(Copy):
   transpose: bool = False
 
   def __call__(self, m, a):
-    mean = a.astype(np.float64).mean(axis=0, keepdims=True).astype(a.dtype)
-    grown = np.concatenate([a] + [mean] * self.new_rows, axis=0)
+    grown = with_mean_rows(a, self.new_rows)
     return [(_path(self.template, m), grown.T if self.transpose else grown)]
 
   def inverse(self, m, get, shape):
@@ -136,6 +222,9 @@ class SameAs(Copy):
 
   def __call__(self, m, a):
     return [(strict.same_as(_path(self.template, m)), a)]
+
+  def source_name(self, pattern, path):
+    return None  # `template` is the original's path, filled from another tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +328,20 @@ def llama_rules(source_prefix: str, target_prefix: str, inv_freq: Callable[[np.n
 
 # ---------------------------------------------------------------------------------------- InstructBLIP
 
+HF_QKV_BIAS = r'vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias'
+
+
+def k_bias_maxima(qkv_biases: Iterable[tuple[str, np.ndarray]]) -> dict[int, float]:
+  """{ViT layer: max |k bias|} of the fused qkv biases (`HF_QKV_BIAS`) whose k third is not zero."""
+  maxima = {}
+  for name, bias in qkv_biases:
+    if bias.ndim == 1 and bias.size % 3 == 0:  # any other shape is reported by the strict load
+      k_max = float(np.abs(np.split(bias.astype(np.float32), 3)[1]).max())
+      if k_max:
+        maxima[int(re.fullmatch(HF_QKV_BIAS, name).group(1))] = k_max
+  return maxima
+
+
 def hf_instructblip_rules(inv_freq: Callable[[np.ndarray], str] | None = None) -> list[Rule]:
   """Hugging Face `InstructBlipForConditionalGeneration` names -> our `STLLM` tree."""
   vision = r'vision_model\.'
@@ -254,7 +357,7 @@ def hf_instructblip_rules(inv_freq: Callable[[np.ndarray], str] | None = None) -
       (vision + r'embeddings\.patch_embedding\.bias', copy('vision/patch_embed/bias')),
       (block + r'layer_norm([12])\.' + NORM, copy(vblock + 'norm{1}/{norm}')),
       (block + r'self_attn\.qkv\.weight', linear(vblock + 'attn/qkv/kernel')),
-      (block + r'self_attn\.qkv\.bias', fused_qv_bias(vblock + 'attn')),
+      (HF_QKV_BIAS, fused_qv_bias(vblock + 'attn')),
       (block + r'self_attn\.projection\.' + W_OR_B, linear(vblock + 'attn/out/{param}')),
       (block + r'mlp\.fc([12])\.' + W_OR_B, linear(vblock + 'fc{1}/{param}')),
       (vision + r'post_layernorm\.' + NORM, copy('ln_vision/{norm}')),

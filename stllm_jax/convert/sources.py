@@ -155,8 +155,21 @@ def prepare_hf_instructblip(directory: str, base: ml_collections.ConfigDict | No
   qformer_dir = os.path.join(directory, QFORMER_TOKENIZER_SUBDIR)
   tokenizers = {'llm': llm_tokenizer or (directory if has_tokenizer(directory) else ''),
                 'qformer': qformer_tokenizer or (qformer_dir if has_tokenizer(qformer_dir) else '')}
-  return Prepared('hf-instructblip', cfg, TensorSet(hf_directory_files(directory), directory), rules, tokenizers,
-                  [], {'kind': 'hf-instructblip', 'source': directory})
+  tensors = TensorSet(hf_directory_files(directory), directory)
+  notes = k_bias_notes(mappings.k_bias_maxima(tensors.matching(mappings.HF_QKV_BIAS)), cfg.vision.depth)
+  return Prepared('hf-instructblip', cfg, tensors, rules, tokenizers, notes,
+                  {'kind': 'hf-instructblip', 'source': directory})
+
+
+def k_bias_notes(maxima: dict[int, float], depth: int) -> list[str]:
+  """The note on the non-zero k biases `mappings.FusedQVBias` drops ({ViT layer: max |k bias|}; none: [])."""
+  if not maxima:
+    return []
+  layers = ', '.join(str(layer) for layer in sorted(maxima))
+  return [f'the k third of vision_model.encoder.layers.N.self_attn.qkv.bias is not zero in {len(maxima)} of {depth} '
+          f'layers (N = {layers}; max |k| {max(maxima.values()):.3g}): dropped, exactly (a k bias adds q . k_bias to '
+          'every score of a query row, which softmax cancels); the q and v thirds fill '
+          'vision/blocks/layers_N/attn/q_bias and v_bias']
 
 
 def prepare_lavis(vit: str, instructblip: str, llm: str, base: ml_collections.ConfigDict | None = None,
@@ -178,8 +191,9 @@ def prepare_lavis(vit: str, instructblip: str, llm: str, base: ml_collections.Co
   _require_names(vit_file, 'visual_encoder.cls_token', '--vit', 'EVA-ViT-g weights (eva_vit_g.pth)')
   _require_names(blip_file, 'query_tokens', '--instructblip', 'InstructBLIP weights (instruct_blip_vicuna7b_trimmed.pth)')
   tensors = TensorSet([vit_file, blip_file, *hf_directory_files(llm)], f'{vit} + {instructblip} + {llm}')
-  notes = [f'EVA-ViT-g block {cfg.vision.depth} (the checkpoint\'s last) is dropped: BLIP-2 uses the '
-           f'{cfg.vision.depth} blocks before it',
+  depth = cfg.vision.depth
+  notes = [f'EVA-ViT-g block {depth} (the checkpoint\'s last) is dropped: its tensors visual_encoder.blocks.{depth}.* '
+           f'fill no parameter (BLIP-2 uses the {depth} blocks before it, vision/blocks/layers_0..{depth - 1})',
            'the q and v biases of each ViT block are kept as EVA\'s q_bias and v_bias (its k bias is zero)',
            'llm_proj becomes the projection into the LLM']
   if rows:
@@ -226,7 +240,8 @@ def prepare_stllm(directory: str, base: ml_collections.ConfigDict | None = None,
   cfg.mvm_head = any(n.startswith(mappings.STLLM_PREFIX + 'mvm_decoder.') for n in names)
   notes.append('MVM head (mvm_decoder) ' + ('converted' if cfg.mvm_head else 'absent: training adds a fresh one'))
   if mappings.STLLM_PREFIX + 'embed_tokens.weight' in names:
-    notes.append('the second copy of the LLM embedding (stllm_model.embed_tokens) is checked equal and not stored')
+    notes.append(f'the second copy of the LLM embedding, {mappings.STLLM_PREFIX}embed_tokens.weight, is checked '
+                 'equal to model.embed_tokens.weight (-> llm/embed/embedding) and not stored')
   tokenizers = {'llm': directory if has_tokenizer(directory) else '', 'qformer': qformer_tokenizer}
   rules = mappings.stllm_rules(hf.rope_inv_freq_check(cfg.llm), cfg.num_local_frames)
   return Prepared('stllm', cfg, tensors, rules, tokenizers, notes, {'kind': 'stllm', 'source': directory})

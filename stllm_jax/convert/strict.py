@@ -1,7 +1,8 @@
 """Strict, streaming assembly of a parameter tree from named source tensors.
 
 A checkpoint loads only if every source tensor is used exactly once and every target leaf is filled with
-an array of the right shape; otherwise `CheckpointMismatch` lists what is missing, unused and mis-shaped.
+an array of the right shape; otherwise `CheckpointMismatch` lists what is missing, unused and mis-shaped,
+each by its source name and its target path (a missing one by the name the rules would read it from).
 "Used" includes a rule that checks a tensor and stores nothing (a buffer the model computes, a block the
 model deliberately lacks) and a duplicate that must equal another tensor (`same_as`).
 Sources are read one at a time (a mapping or iterable whose values may be loaded lazily) and copied into
@@ -192,11 +193,26 @@ def load_strict(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]], rules: S
     del array, targets
   for path, copies in state.duplicates.items():
     state.other.extend(f'{name}: a copy of {path}, which no source tensor fills' for name, _ in copies)
-  missing = [f'{p} {list(slot.shape)}' for p, slot in state.slots.items()
+  missing = [_missing(rules, p, slot.shape) for p, slot in state.slots.items()
              if p not in state.filled_by and p not in state.misshaped_paths]
   if missing or state.unused or state.misshaped or state.other:
     raise CheckpointMismatch(missing, state.unused, state.misshaped, state.other, source_name)
   return unflatten(state.leaves)
+
+
+def expected_source(rules: Sequence[Rule], path: str) -> str | None:
+  """The source name the first rule that can say so would fill `path` from (a transform's `source_name`)."""
+  for pattern, fn in rules:
+    name = fn.source_name(pattern, path) if hasattr(fn, 'source_name') else None
+    if name is not None:
+      return name
+  return None
+
+
+def _missing(rules: Sequence[Rule], path: str, shape: tuple[int, ...]) -> str:
+  """'source name -> path [shape]' of a parameter no source tensor fills ('path [shape]' if no rule names one)."""
+  name = expected_source(rules, path)
+  return f'{path} {list(shape)}' if name is None else f'{name} -> {path} {list(shape)}'
 
 
 def _view(state: _Assembly, path: str) -> np.ndarray:

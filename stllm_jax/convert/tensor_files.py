@@ -272,6 +272,17 @@ class TensorSet:
     for f in self.files:
       yield from f.tensors()
 
+  def matching(self, pattern: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every tensor whose whole name matches the regex `pattern`; a file is loaded only if it
+    holds one."""
+    from stllm_jax.convert import strict  # pylint: disable=g-import-not-at-top
+    compiled = re.compile(pattern)
+    for f in self.files:
+      if any(compiled.fullmatch(name) for name in f.names()):
+        for name, load in f.tensors():
+          if compiled.fullmatch(name):
+            yield name, strict.to_numpy(load())
+
   def read(self, name: str) -> np.ndarray:
     """One tensor by name (loads only the file that holds it)."""
     from stllm_jax.convert import strict  # pylint: disable=g-import-not-at-top

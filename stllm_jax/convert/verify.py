@@ -39,7 +39,9 @@ class SourceSpec:
   """What a checkpoint was converted from: a kind and its paths (`conversion.json`, or given by hand)."""
   kind: str
   paths: dict[str, str]
-  trust_pickle: bool = False  # lavis .pth files that also pickle Python objects
+  # Unpickle Python objects in lavis .pth files: only on the command line's word (--trust-pickle), never on
+  # conversion.json's, which comes with the weights directory and may come from someone else.
+  trust_pickle: bool = False
 
   @staticmethod
   def resolve(ckpt: str, torch_dir: str = '', vit: str = '', instructblip: str = '', llm: str = '',
@@ -62,7 +64,7 @@ class SourceSpec:
       raise UserError(f'{ckpt} does not record its source (no {checkpoints.CONVERSION_JSON}); give --torch DIR '
                       '(or --vit/--instructblip/--llm)')
     return SourceSpec(info['kind'], {k: info[k] for k in ('source', 'vit', 'instructblip', 'llm') if k in info},
-                      trust_pickle or bool(info.get('trust_pickle')))
+                      trust_pickle)
 
 
 def random_batch(model_config: Any, num_frames: int, text_len: int, qformer_text_len: int,
