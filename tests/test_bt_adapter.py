@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.sharding import PartitionSpec
 
 from bt_adapter_reference import EvaViTWithBTAdapter
 from conftest import (convert, hf_frame_tokens, hf_llm_logits, random_batch, randomize_, relative_error,
                       tiny_hf_instructblip_config)
-from stllm_jax import configlib
+from stllm_jax import configlib, sharding
 from stllm_jax.convert import mappings, strict
 from stllm_jax.models import bt_adapter, layers, stllm
 from stllm_jax.models.eva_vit import EVAViT
@@ -174,6 +175,22 @@ def test_too_many_frames_is_a_clear_error(models, rng):
   batch = random_batch(rng, stllm.model_config(cfg), num_frames=MAX_FRAMES + 1)
   with pytest.raises(ValueError, match=rf'{MAX_FRAMES + 1} frames .*model\.vision\.bt_adapter\.max_frames={MAX_FRAMES}'):
     STLLM(cfg).apply({'params': params}, batch)
+
+
+def test_sharded_forward_with_the_adapter_equals_single_device(models, rng):
+  """Every adapter param has logical axes (`param_shardings` needs them) and the activation constraints
+  hold on a data x fsdp x tensor mesh (5 heads do not split over tensor=2: replicated)."""
+  cfg, params = models[True]
+  batch = random_batch(rng, stllm.model_config(cfg), batch_size=4, num_frames=2)
+  single = STLLM(cfg).apply({'params': params}, batch)
+  mesh = sharding.make_mesh('data=2,fsdp=2,tensor=2')
+  shardings = sharding.param_shardings(stllm.abstract_variables(cfg), mesh)
+  assert shardings['bt_adapter']['frame_position'].spec == PartitionSpec(None, 'fsdp')
+  assert shardings['bt_adapter']['temporal_0']['temporal_fc']['kernel'].spec == PartitionSpec(None, 'fsdp')
+  placed = sharding.shard_params(params, shardings)
+  with sharding.activate(mesh):
+    sharded = jax.jit(lambda p, b: STLLM(cfg).apply({'params': p}, b))(placed, sharding.shard_batch(batch, mesh))
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=2e-5, atol=2e-5)
 
 
 def test_adapter_config_is_validated():

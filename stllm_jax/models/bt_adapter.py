@@ -82,7 +82,9 @@ class TemporalLayer(nn.Module):
     h = layers.LayerNorm(cfg.bt_adapter.temporal_norm_eps, dtype=self.dtype, param_dtype=pdt, name='norm1')(per_patch)
     h = VisionAttention(cfg, self.dtype, self.attention_impl, name='attn')(h)  # [B*P, T, W]
     h = _maybe_drop_path(self, h, self.drop_path_rate, deterministic)  # a draw per (video, patch)
-    h = layers.Dense(w, ('embed', 'mlp'), dtype=self.dtype, param_dtype=pdt, kernel_init=nn.initializers.zeros,
+    # Output axis 'embed' like every projection into the residual stream. (With it on 'tensor' instead, jax
+    # 0.10.2's SPMD partitioner on CPU computed wrong values for some batch shards of the following block.)
+    h = layers.Dense(w, (None, 'embed'), dtype=self.dtype, param_dtype=pdt, kernel_init=nn.initializers.zeros,
                      name='temporal_fc')(h)  # [B*P, T, W]
     return patches + h.reshape(b, p, t, w).transpose(0, 2, 1, 3)
 
