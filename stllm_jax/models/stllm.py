@@ -160,7 +160,7 @@ class STLLM(nn.Module):
   def encode_frames(self, frames: Array, qformer_input_ids: Array, qformer_attention_mask: Array,
                     deterministic: bool = True) -> Array:
     """frames [B, T, H, W, 3] -> frame tokens [B, T, K, D]; the same instruction is used for every frame."""
-    self.check_training_rng(deterministic)
+    self._check_training_rng(deterministic)
     b, t = frames.shape[:2]
     image_tokens = self.ln_vision(self.vision_tokens(frames, deterministic))  # [B*T, 257, Dv]
     queries = self.qformer(image_tokens, jnp.repeat(qformer_input_ids, t, axis=0),
@@ -168,7 +168,7 @@ class STLLM(nn.Module):
     tokens = self.projection(queries)  # [B*T, K, D]
     return tokens.reshape(b, t, *tokens.shape[1:])
 
-  def check_training_rng(self, deterministic: bool) -> None:
+  def _check_training_rng(self, deterministic: bool) -> None:
     """Training mode with dropout or drop path to apply needs a 'dropout' rng: say so plainly."""
     adapter = self.cfg.vision.bt_adapter
     stochastic = self.cfg.qformer.dropout > 0 or (adapter.depth > 0 and adapter.drop_path > 0)
