@@ -153,14 +153,21 @@ def hf_visual_tokens(model, batch):
   b, t = frames.shape[:2]
   with torch.no_grad():
     image_tokens = model.vision_model(pixel_values=torch_images(frames.reshape(b * t, *frames.shape[2:])))[0]
-    k = model.config.num_query_tokens
-    qids = torch.tensor(batch['qformer_input_ids']).repeat_interleave(t, 0)
-    qmask = torch.tensor(batch['qformer_attention_mask']).long().repeat_interleave(t, 0)
-    queries = model.qformer(
-        input_ids=qids, attention_mask=torch.cat([torch.ones(b * t, k, dtype=torch.long), qmask], 1),
-        query_embeds=model.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_tokens,
-        encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long))[0][:, :k]
-    tokens = model.language_projection(queries)
+    return hf_frame_tokens(model, image_tokens, batch)
+
+
+def hf_frame_tokens(model, image_tokens, batch):
+  """Hugging Face Q-Former(+instruction) and projection of every frame's image tokens [B*T, P, Dv] (after
+  ln_vision); [B, T, K, D]. Differentiable (callers choose no_grad)."""
+  b, t = batch['frames'].shape[:2]
+  k = model.config.num_query_tokens
+  qids = torch.tensor(batch['qformer_input_ids']).repeat_interleave(t, 0)
+  qmask = torch.tensor(batch['qformer_attention_mask']).long().repeat_interleave(t, 0)
+  queries = model.qformer(
+      input_ids=qids, attention_mask=torch.cat([torch.ones(b * t, k, dtype=torch.long), qmask], 1),
+      query_embeds=model.query_tokens.expand(b * t, -1, -1), encoder_hidden_states=image_tokens,
+      encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long))[0][:, :k]
+  tokens = model.language_projection(queries)
   return tokens.reshape(b, t, k, -1)
 
 

@@ -224,10 +224,10 @@ def prepare_stllm(directory: str, base: ml_collections.ConfigDict | None = None,
   if adapter:
     raise UserError(
         f'{directory} carries a BT-Adapter ({len(adapter)} tensors such as {adapter[0]}): this is the ST-LLM QA '
-        '(MVBench) checkpoint, whose vision tower has a trained spatio-temporal adapter beside EVA-ViT. stllm_jax '
-        'has no BT-Adapter module yet, and converting without it would silently change the model, so the '
-        'conversion is refused. The conversation checkpoint converts; for MVBench, train with '
-        'configs/stllm_7b.py from the lavis conversion.')
+        '(MVBench) checkpoint, whose vision tower has a trained spatio-temporal adapter beside EVA-ViT. The model '
+        'has it (model.vision.bt_adapter) but this converter does not map its tensors yet, and converting '
+        'without them would silently change the model, so the conversion is refused. The conversation checkpoint '
+        'converts; for MVBench, train with configs/stllm_7b.py from the lavis conversion.')
   cfg = _base(base)
   cfg.llm = _llm_config(config, cfg.llm, directory)
   notes = []

@@ -4,6 +4,9 @@ A plain pre-norm ViT: patch embedding, a CLS token, learned absolute positions, 
 Particular to EVA: the fused qkv projection has no bias of its own, instead a `q_bias` and a `v_bias`
 (the k bias is zero); LayerNorm eps 1e-6; exact GELU; no final norm (ST-LLM applies `ln_vision`, which
 lives in the composition). BLIP-2 keeps 39 of the checkpoint's 40 blocks.
+
+For the BT-Adapter (`bt_adapter.py`) the tower can also return the outputs of its last k blocks, and its
+blocks expose their two residual branches (`attention`, `mlp`) for the adapter's spatial layers.
 """
 
 from __future__ import annotations
@@ -12,9 +15,36 @@ import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from stllm_jax.models import layers
 from stllm_jax.models.layers import Array, Dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class BTAdapterConfig:
+  """The BT-Adapter beside the ViT (ST-LLM's QA / MVBench model: depth 3); see `bt_adapter.py`."""
+  depth: int = 0  # temporal + spatial layer pairs, fed by the ViT's last `depth` blocks; 0 = no adapter
+  max_frames: int = 64  # rows of the frame-position table: the most frames a video may have
+  temporal_norm_eps: float = 1e-6  # norm1 of the temporal layers
+  spatial_norm_eps: float = 1e-5  # both norms of the spatial layers (torch's default, not the ViT's 1e-6)
+  drop_path: float = 0.1  # stochastic depth of the last layer pair; linear from 0 over the pairs (training only)
+
+  def drop_path_rates(self) -> tuple[float, ...]:
+    """One rate per layer pair: 0, 0.05, 0.1 for depth 3."""
+    return tuple(float(r) for r in np.linspace(0.0, self.drop_path, self.depth))
+
+  def validate(self, where: str, vit_depth: int) -> None:
+    if not 0 <= self.depth <= vit_depth:
+      raise ValueError(f'{where}.depth={self.depth} must be in 0..{vit_depth} (the ViT\'s depth): each adapter '
+                       'layer pair reads one of the ViT\'s last blocks')
+    if self.max_frames < 1:
+      raise ValueError(f'{where}.max_frames must be >= 1, got {self.max_frames}')
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f'{where}.drop_path must be in [0, 1), got {self.drop_path}')
+    for name in ('temporal_norm_eps', 'spatial_norm_eps'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'{where}.{name} must be > 0, got {getattr(self, name)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +62,7 @@ class VisionConfig:
   embed_init_std: float = 0.02  # std of the fresh CLS token and position embedding
   scan_layers: bool = True
   remat_policy: str = 'none'
+  bt_adapter: BTAdapterConfig = dataclasses.field(default_factory=BTAdapterConfig)
 
   @property
   def head_dim(self) -> int:
@@ -47,6 +78,7 @@ class VisionConfig:
       raise ValueError(f'{where}.width={self.width} is not a multiple of {where}.num_heads={self.num_heads}')
     if self.image_size % self.patch_size:
       raise ValueError(f'{where}.image_size={self.image_size} is not a multiple of {where}.patch_size={self.patch_size}')
+    self.bt_adapter.validate(f'{where}.bt_adapter', self.depth)
 
 
 class PatchEmbed(nn.Module):
@@ -97,21 +129,35 @@ class VisionAttention(nn.Module):
 
 
 class VisionBlock(nn.Module):
+  """Pre-norm block: x + attention(x), then + mlp(x). Each residual branch is a method of its own (the
+  BT-Adapter's spatial layers are these blocks with another residual pattern)."""
   config: VisionConfig
   dtype: Dtype
   attention_impl: str | None = None
 
-  @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, None]:
+  def setup(self):
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
-    norm = lambda name: layers.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=pdt, name=name)
-    x = x + VisionAttention(cfg, self.dtype, self.attention_impl, name='attn')(norm('norm1')(x))
-    dense = lambda features, axes, name: layers.dense(features, axes, name=name, dtype=self.dtype, param_dtype=pdt,
-                                                      init_std=cfg.init_std)
-    h = dense(cfg.mlp_dim, ('embed', 'mlp'), 'fc1')(norm('norm2')(x))
+    norm = lambda: layers.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=pdt)
+    dense = lambda features, axes: layers.dense(features, axes, dtype=self.dtype, param_dtype=pdt,
+                                                init_std=cfg.init_std)
+    self.norm1 = norm()
+    self.attn = VisionAttention(cfg, self.dtype, self.attention_impl)
+    self.norm2 = norm()
+    self.fc1 = dense(cfg.mlp_dim, ('embed', 'mlp'))
+    self.fc2 = dense(cfg.width, ('mlp', 'embed'))
+
+  def attention(self, x: Array) -> Array:  # [N, P, D] -> [N, P, D]
+    return self.attn(self.norm1(x))
+
+  def mlp(self, x: Array) -> Array:  # [N, P, D] -> [N, P, D]
+    h = self.fc1(self.norm2(x))
     h = nn.gelu(layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp')), approximate=False)
-    x = x + dense(cfg.width, ('mlp', 'embed'), 'fc2')(h)
+    return self.fc2(h)
+
+  def __call__(self, x: Array) -> tuple[Array, None]:
+    x = x + self.attention(x)
+    x = x + self.mlp(x)
     return layers.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), None
 
 
@@ -122,7 +168,9 @@ class EVAViT(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, images: Array) -> Array:
+  def __call__(self, images: Array, last_blocks: int = 0) -> Array | tuple[Array, Array]:
+    """The last block's tokens [N, 257, D]; with `last_blocks` = k > 0, what the BT-Adapter reads instead:
+    (the outputs of the last k blocks [k, N, 257, D], the position embedding [1, 257, D])."""
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
     expected = (cfg.image_size, cfg.image_size, 3)
@@ -135,5 +183,8 @@ class EVAViT(nn.Module):
     pos_embed = self.param('pos_embed', init, (1, cfg.num_tokens, cfg.width), pdt).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls_token, (images.shape[0], 1, cfg.width)), patches], axis=1)
     x = layers.constrain(x + pos_embed, ('activation_batch', 'activation_length', 'activation_embed'))
-    return layers.LayerStack(VisionBlock, cfg, cfg.depth, cfg.scan_layers, cfg.remat_policy, self.dtype,
-                             self.attention_impl, name='blocks')(x)
+    blocks = layers.LayerStack(VisionBlock, cfg, cfg.depth, cfg.scan_layers, cfg.remat_policy, self.dtype,
+                               self.attention_impl, name='blocks')
+    if not last_blocks:
+      return blocks(x)
+    return blocks(x, keep_last=last_blocks), pos_embed  # [k, N, 257, D], [1, 257, D]

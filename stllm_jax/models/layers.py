@@ -7,6 +7,7 @@ Every parameter is created through `param_init(init, axes)` so it carries logica
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -151,14 +152,35 @@ class RMSNorm(nn.Module):
     return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def attention(query: Array, key: Array, value: Array, mask: Array | None,
-              implementation: str | None) -> Array:
+def attention(query: Array, key: Array, value: Array, mask: Array | None, implementation: str | None,
+              dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
   """Softmax attention with logits and softmax in float32.
 
   query [B, Lq, H, hd]; key, value [B, Lk, Hkv, hd] with H a multiple of Hkv (grouped-query);
   mask bool, broadcastable to [B, H, Lq, Lk], True where attention is allowed. Returns [B, Lq, H, hd].
+  `dropout_rate` > 0 (training only, with `dropout_rng`) drops attention probabilities as BERT does; the
+  fused kernel has no dropout, so that case is computed explicitly (same float32 logits and softmax).
   """
-  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+  if dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+  if dropout_rng is None:
+    raise ValueError(f'attention dropout {dropout_rate} needs a dropout rng')
+  return _attention_with_dropout(query, key, value, mask, dropout_rate, dropout_rng)
+
+
+def _attention_with_dropout(query: Array, key: Array, value: Array, mask: Array | None, rate: float,
+                            rng: Array) -> Array:
+  """softmax(q k^T / sqrt(hd)) with each probability dropped with probability `rate` (kept ones / (1 - rate))."""
+  groups = query.shape[2] // key.shape[2]
+  key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)  # [B, Lk, H, hd]
+  scale = query.shape[-1] ** -0.5
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query.astype(jnp.float32), key.astype(jnp.float32)) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)  # [B, H, Lq, Lk]
+  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(value.dtype), value)
 
 
 class LayerStack(nn.Module):
@@ -177,32 +199,55 @@ class LayerStack(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, *args, per_layer: Any = None) -> Array | tuple[Array, Any]:
+  def __call__(self, x: Array, *args, per_layer: Any = None, keep_last: int = 0) -> Array | tuple[Array, Any]:
     """`x` through every block; `args` go to each block unchanged.
 
     `per_layer` (a pytree whose leaves have a leading `num_layers` axis, e.g. a KV cache) gives block i
     its slice i as a last argument; then the blocks' second outputs come back stacked: returns (x, ys).
+    `keep_last` = k > 0 returns the outputs of the last k blocks instead, stacked [k, *x.shape] (the
+    last of them is the usual output); the params are the same either way.
     """
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}')
+    if not 0 <= keep_last <= self.num_layers:
+      raise ValueError(f'keep_last={keep_last} outside 0..{self.num_layers} (the number of layers)')
+    if keep_last and per_layer is not None:
+      raise ValueError('keep_last and per_layer cannot be combined')
     block = self.block
     if self.remat_policy != 'none':
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
     kwargs = dict(config=self.config, dtype=self.dtype, attention_impl=self.attention_impl)
+    scan = functools.partial(nn.scan, variable_axes={'params': 0}, split_rngs={'params': True},
+                             length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+    first_kept = self.num_layers - keep_last
+    if keep_last and self.scan:
+      # The carry holds a [k, ...] buffer; layer i >= first_kept writes its output into slot i - first_kept.
+      def body(layer, carry, index, *args):
+        x, kept = carry
+        x, _ = layer(x, *args)
+        slot = jnp.clip(index - first_kept, 0, keep_last - 1)
+        written = jnp.where(index >= first_kept, x, kept[slot])
+        return (x, jax.lax.dynamic_update_index_in_dim(kept, written, slot, 0)), None
+      buffer = jnp.zeros((keep_last, *x.shape), x.dtype)  # [k, *x.shape]
+      stack = scan(body, in_axes=(0,) + (nn.broadcast,) * len(args))
+      (_, kept), _ = stack(block(name='layers', **kwargs), (x, buffer), jnp.arange(self.num_layers), *args)
+      return kept
+    if keep_last:
+      kept = []
+      for i in range(self.num_layers):
+        x, _ = block(name=f'layers_{i}', **kwargs)(x, *args)
+        if i >= first_kept:
+          kept.append(x)
+      return jnp.stack(kept)  # [k, *x.shape]
     if per_layer is None:
       if self.scan:
-        stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                        in_axes=nn.broadcast, length=self.num_layers,
-                        metadata_params={nn.PARTITION_NAME: 'layers'})
-        x, _ = stack(name='layers', **kwargs)(x, *args)
+        x, _ = scan(block, in_axes=nn.broadcast)(name='layers', **kwargs)(x, *args)
         return x
       for i in range(self.num_layers):
         x, _ = block(name=f'layers_{i}', **kwargs)(x, *args)
       return x
     if self.scan:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(nn.broadcast,) * len(args) + (0,), length=self.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      stack = scan(block, in_axes=(nn.broadcast,) * len(args) + (0,))
       return stack(name='layers', **kwargs)(x, *args, per_layer)
     outputs = []
     for i in range(self.num_layers):

@@ -15,6 +15,11 @@ Contract (stable): `STLLM(config.model).apply({'params': params}, batch)` with `
 `frames` float [B, T, H, W, 3] (normalised, channels-last), `qformer_input_ids` / `qformer_attention_mask`
 int32 [B, Lq], `input_ids` / `attention_mask` int32 [B, L] (the text after the visual tokens); it returns
 float32 logits [B, Nv + L, vocab].
+
+With `model.vision.bt_adapter.depth` > 0 the BT-Adapter (`bt_adapter.py`, params `bt_adapter/`) mixes the
+frames of each video beside the ViT (ST-LLM's QA / MVBench model). Training mode is explicit:
+`apply(..., deterministic=False, rngs={'dropout': key})` turns on the Q-Former's dropout
+(`model.qformer.dropout`) and the adapter's drop path; every call without it is deterministic.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 
 from stllm_jax import configlib
 from stllm_jax.models import layers
+from stllm_jax.models.bt_adapter import BTAdapter
 from stllm_jax.models.eva_vit import EVAViT, VisionConfig
 from stllm_jax.models.layers import Array
 from stllm_jax.models.llama import Llama, LlamaConfig
@@ -119,6 +125,8 @@ class STLLM(nn.Module):
     dtype = layers.as_dtype(cfg.dtype)
     impl = ATTENTION_IMPLS[cfg.attention_impl]
     self.vision = EVAViT(cfg.vision, dtype, impl)
+    if cfg.vision.bt_adapter.depth:
+      self.bt_adapter = BTAdapter(cfg.vision, dtype, impl)
     # ln_vision is computed in float32 (as LAVIS does); its output is cast to the compute dtype.
     self.ln_vision = layers.LayerNorm(cfg.ln_vision_eps, dtype=dtype, param_dtype=layers.as_dtype(cfg.vision.param_dtype))
     self.qformer = QFormer(cfg.qformer, dtype, impl)
@@ -136,14 +144,37 @@ class STLLM(nn.Module):
                                     init_std=cfg.llm.init_std)
       self.mvm_norm = layers.LayerNorm(cfg.mvm_norm_eps, dtype=dtype, param_dtype=pdt)
 
-  def encode_frames(self, frames: Array, qformer_input_ids: Array, qformer_attention_mask: Array) -> Array:
-    """frames [B, T, H, W, 3] -> frame tokens [B, T, K, D]; the same instruction is used for every frame."""
+  def vision_tokens(self, frames: Array, deterministic: bool = True) -> Array:
+    """frames [B, T, H, W, 3] -> the vision tower's tokens [B*T, 257, Dv] (before ln_vision), through the
+    BT-Adapter when the model has one (it sees the T frames of each video together)."""
     b, t = frames.shape[:2]
-    image_tokens = self.ln_vision(self.vision(frames.reshape(b * t, *frames.shape[2:])))  # [B*T, 257, Dv]
+    images = frames.reshape(b * t, *frames.shape[2:])  # [B*T, H, W, 3]
+    depth = self.cfg.vision.bt_adapter.depth
+    if not depth:
+      return self.vision(images)
+    last_blocks, pos_embed = self.vision(images, last_blocks=depth)  # [depth, B*T, 257, Dv], [1, 257, Dv]
+    tokens = self.bt_adapter(last_blocks.reshape(depth, b, t, *last_blocks.shape[2:]), pos_embed,
+                             deterministic)  # [B, T, 257, Dv]
+    return tokens.reshape(b * t, *tokens.shape[2:])
+
+  def encode_frames(self, frames: Array, qformer_input_ids: Array, qformer_attention_mask: Array,
+                    deterministic: bool = True) -> Array:
+    """frames [B, T, H, W, 3] -> frame tokens [B, T, K, D]; the same instruction is used for every frame."""
+    self._check_training_rng(deterministic)
+    b, t = frames.shape[:2]
+    image_tokens = self.ln_vision(self.vision_tokens(frames, deterministic))  # [B*T, 257, Dv]
     queries = self.qformer(image_tokens, jnp.repeat(qformer_input_ids, t, axis=0),
-                           jnp.repeat(qformer_attention_mask, t, axis=0))  # [B*T, K, Dq]
+                           jnp.repeat(qformer_attention_mask, t, axis=0), deterministic)  # [B*T, K, Dq]
     tokens = self.projection(queries)  # [B*T, K, D]
     return tokens.reshape(b, t, *tokens.shape[1:])
+
+  def _check_training_rng(self, deterministic: bool) -> None:
+    """Training mode with dropout or drop path to apply needs a 'dropout' rng: say so plainly."""
+    adapter = self.cfg.vision.bt_adapter
+    stochastic = self.cfg.qformer.dropout > 0 or (adapter.depth > 0 and adapter.drop_path > 0)
+    if not deterministic and stochastic and not self.has_rng('dropout'):
+      raise ValueError("training mode (deterministic=False) applies dropout / drop path and needs a 'dropout' "
+                       "rng: apply(..., deterministic=False, rngs={'dropout': key})")
 
   def arrange_video(self, frame_tokens: Array) -> Array:
     """frame tokens [B, T, K, D] -> visual tokens V [B, Nv, D] according to `video_input`."""
@@ -158,10 +189,10 @@ class STLLM(nn.Module):
       t = self.cfg.num_local_frames
     return frame_tokens.reshape(b, t * k, d)  # time-major: frame 0's K tokens, then frame 1's...
 
-  def visual_tokens(self, batch: Mapping[str, Array]) -> Array:
+  def visual_tokens(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
     """The batch's video as the LLM's visual tokens V [B, Nv, D] (no masking)."""
-    return self.arrange_video(
-        self.encode_frames(batch['frames'], batch['qformer_input_ids'], batch['qformer_attention_mask']))
+    return self.arrange_video(self.encode_frames(batch['frames'], batch['qformer_input_ids'],
+                                                 batch['qformer_attention_mask'], deterministic))
 
   def mvm_head(self, hidden: Array) -> Array:
     """The student side of masked video modelling: LayerNorm(Linear(hidden)), [B, N, D]."""
@@ -175,9 +206,10 @@ class STLLM(nn.Module):
     mask = jnp.concatenate([jnp.ones((b, n_visual), attention_mask.dtype), attention_mask], axis=1)
     return embeddings, mask
 
-  def __call__(self, batch: Mapping[str, Array]) -> Array:
+  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
     check_batch(batch)
-    embeddings, mask = self.embed_inputs(self.visual_tokens(batch), batch['input_ids'], batch['attention_mask'])
+    embeddings, mask = self.embed_inputs(self.visual_tokens(batch, deterministic), batch['input_ids'],
+                                         batch['attention_mask'])
     return self.llm.logits(self.llm(embeddings, mask))
 
   def initialize(self, batch: Mapping[str, Array]) -> Array:
