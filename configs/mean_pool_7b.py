@@ -1,5 +1,6 @@
-"""The paper's baseline: the same 7B model, but the LLM sees the mean over 16 frames (32 tokens), with no
-masking and no MVM (nothing to mask in 32 tokens).
+"""The paper's baseline as the released code trains it (config/instructblipbase_avp.yaml): the same 7B model
+with the BT-Adapter, but the LLM sees the mean over 16 frames (32 tokens), with no masking and no MVM
+(nothing to mask in 32 tokens).
 
 Run: python -m stllm_jax.train --config configs/mean_pool_7b.py --workdir runs/mean_pool_7b
 """

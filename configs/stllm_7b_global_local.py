@@ -1,5 +1,7 @@
-"""ST-LLM 7B with global-local input, the conversation model (VideoChatGPT-Bench, zero-shot QA): 64 frames
-encoded, their mean V0 through f_m added to 16 local frames; masking + MVM over the local tokens.
+"""ST-LLM 7B with global-local input, the conversation model (VideoChatGPT-Bench, zero-shot QA), as the
+released conversation recipe trains it (config/instructblipbase_stllm_conversation.yaml): 64 frames encoded,
+their mean V0 through f_m added to 16 local frames; masking + MVM over the local tokens; plain InstructBLIP
+towers (no BT-Adapter, the Q-Former without dropout).
 
 Run: python -m stllm_jax.train --config configs/stllm_7b_global_local.py --workdir runs/stllm_7b_global_local
 """
@@ -18,5 +20,7 @@ def _base() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = _base()
   config.model.update(video_input='global_local', num_local_frames=16, global_mlp_dim=1024)
+  config.model.vision.bt_adapter.depth = 0
+  config.model.qformer.dropout = 0.0
   config.data.datasets.videochat2.num_frames = 64
   return config

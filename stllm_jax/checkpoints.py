@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 
 from stllm_jax import integrity, sharding, step
 from stllm_jax.errors import UserError
-from stllm_jax.models import stllm
+from stllm_jax.models import bt_adapter, stllm
 
 MODEL_JSON = 'model.json'
 PARAMS_DIR = 'params'
@@ -351,7 +351,7 @@ def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
   path = config.init.checkpoint
   if not path:
     log(f'random initial weights (seed {config.seed})')
-    return fresh
+    return _with_adapter_from_vit(fresh, model_cfg, shardings, config.seed, log)
   stored = stored_param_shapes(path)
   flat_fresh = flax.traverse_util.flatten_dict(fresh, sep='/')
   expected = {k: tuple(v.shape) for k, v in flat_fresh.items()}
@@ -374,7 +374,28 @@ def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
   loaded = flax.traverse_util.flatten_dict(load_weights(path, target), sep='/')
   log(f'initial weights from {path}' + (f'; newly initialised: {", ".join(sorted({k.split("/")[0] for k in absent}))}'
                                         if absent else ''))
-  return flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in flat_fresh.items()}, sep='/')
+  params = flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in flat_fresh.items()}, sep='/')
+  if any(k.startswith(f'{ADAPTER}/') for k in stored):
+    return params
+  return _with_adapter_from_vit(params, model_cfg, shardings, config.seed, log)
+
+
+ADAPTER = 'bt_adapter'
+
+
+def _with_adapter_from_vit(params: Any, model_cfg: stllm.STLLMConfig, shardings: Any, seed: int,
+                           log: Callable[[str], None]) -> Any:
+  """`params` with the BT-Adapter started as the released code starts it (spatial layers copied from the ViT's
+  last blocks, see `bt_adapter.init_from_vit`); unchanged for a model without one."""
+  depth = model_cfg.vision.bt_adapter.depth
+  if not depth:
+    return params
+  first = model_cfg.vision.depth - depth
+  log(f'BT-Adapter started from ViT blocks {first}-{model_cfg.vision.depth - 1} (spatial layers), zero temporal '
+      'output and CLS, N(0, 1) frame positions, as the released code starts it')
+  start = jax.jit(lambda p, key: bt_adapter.init_from_vit(p, model_cfg, key), out_shardings=shardings,
+                  donate_argnums=0)
+  return start(params, jax.random.fold_in(jax.random.key(seed), 0x42544144))
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ from stllm_jax.models import stllm
 from stllm_jax.step import TrainConfig
 
 # Params that a run may add to its initial weights (created fresh, then listed at start-up): the MVM head,
-# the global-local MLP f_m and LoRA adapters do not exist in the InstructBLIP weights training starts from.
-NEW_PARAMS = ('mvm_dense/.*', 'mvm_norm/.*', 'global_down/.*', 'global_up/.*', '.*/lora/.*')
+# the global-local MLP f_m, the BT-Adapter (started from the ViT's last blocks) and LoRA adapters do not
+# exist in the InstructBLIP weights training starts from.
+NEW_PARAMS = ('mvm_dense/.*', 'mvm_norm/.*', 'global_down/.*', 'global_up/.*', 'bt_adapter/.*', '.*/lora/.*')
 
 
 def base_config() -> ml_collections.ConfigDict:

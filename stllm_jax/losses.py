@@ -24,18 +24,25 @@ def lm_loss_sum(text_logits: jax.Array, input_ids: jax.Array, answer_mask: jax.A
   return jnp.sum(per_token * weights), jnp.sum(weights)
 
 
-def mvm_loss(student: jax.Array, teacher: jax.Array, kind: str = 'cosine') -> jax.Array:
+def mvm_loss(student: jax.Array, teacher: jax.Array, kind: str = 'cosine',
+             token_mask: jax.Array | None = None) -> jax.Array:
   """Mean over kept tokens of the student/teacher distance; student, teacher [B, n, D].
 
   'cosine': 2 - 2 cos(student, teacher), i.e. the squared distance of the L2-normalised vectors (the
   released code). 'mse': mean squared error over tokens and features (the paper's Eq. 4).
+  token_mask bool [n] (or [B, n]): the real tokens (padding slots are left out of the mean).
   The teacher is wrapped in stop_gradient here as well: no gradient ever flows into it.
   """
   teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
   student = student.astype(jnp.float32)
   if kind == 'cosine':
     normalise = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
-    return jnp.mean(2.0 - 2.0 * jnp.sum(normalise(student) * normalise(teacher), axis=-1))
-  if kind == 'mse':
-    return jnp.mean(jnp.square(student - teacher))
-  raise ValueError(f'unknown MVM loss {kind!r}; choose one of {MVM_LOSSES}')
+    per_token = 2.0 - 2.0 * jnp.sum(normalise(student) * normalise(teacher), axis=-1)  # [B, n]
+  elif kind == 'mse':
+    per_token = jnp.mean(jnp.square(student - teacher), axis=-1)  # [B, n]
+  else:
+    raise ValueError(f'unknown MVM loss {kind!r}; choose one of {MVM_LOSSES}')
+  if token_mask is None:
+    return jnp.mean(per_token)
+  weights = jnp.broadcast_to(token_mask, per_token.shape).astype(jnp.float32)
+  return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)

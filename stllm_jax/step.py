@@ -1,12 +1,15 @@
 """One optimizer step of ST-LLM training, as pure functions of arrays.
 
-    visual tokens V [B, Nv, D]  (frozen towers + trainable projection / f_m; frozen params get no gradient)
-      -> dynamic mask: gather of n_keep tokens per sample (n_keep static: one compiled step per bucket)
-      -> [V_kept : text] -> LLaMA -> hidden [B, n_keep + L, D]
-      -> LM loss: logits of the positions before each text token, on answer tokens only
-      -> MVM loss: mvm_head(hidden at the kept visual positions) vs the teacher, i.e. the same LLM on the
-         unmasked visual prefix, under stop_gradient (visual tokens first + causal attention => the
-         teacher's visual outputs depend only on that prefix)
+    the model's training pass (`STLLM.training_pass`):
+      visual tokens V [B, Nv, D]  (frozen towers + trainable projection / f_m / BT-Adapter; frozen params
+        get no gradient; the Q-Former's dropout and the adapter's drop path where the config has them)
+      -> dynamic mask: n_keep random tokens per sample, padded to n_slots (static: one compiled step per
+         bucket; n_keep is traced, so the kept count is exact)
+      -> [V_kept : text : padding] -> LLaMA -> hidden [B, n_slots + L, D]
+      -> text logits (the positions before each text token); MVM student = mvm_head(hidden at the kept
+         positions), teacher = the same LLM on the unmasked visual prefix, under stop_gradient (visual tokens
+         first + causal attention => the teacher's visual outputs depend only on that prefix)
+    then here: LM loss on answer tokens only, MVM loss over the real kept tokens, accumulation, the update.
 
 The batch is split into `grad_accum_steps` micro-batches (scanned); the LM loss is normalised by the
 answer-token count of the whole batch, so accumulation equals one large batch. A step whose loss or
@@ -29,7 +32,7 @@ import optax
 
 from stllm_jax import configlib, losses, masking
 from stllm_jax.models import layers
-from stllm_jax.models.stllm import STLLM
+from stllm_jax.models.stllm import STLLM, model_config
 
 MODEL_BATCH_KEYS = ('frames', 'qformer_input_ids', 'qformer_attention_mask', 'input_ids', 'attention_mask',
                     'answer_mask')
@@ -157,35 +160,23 @@ def state_shardings(trainable: Any, tx: optax.GradientTransformation, trainable_
 
 # ------------------------------------------------------------------------------------------ the loss
 
-def micro_batch_loss(trainable: Any, frozen: Any, batch: Mapping[str, jax.Array], key: jax.Array, *,
-                     model: STLLM, cfg: TrainConfig, n_keep: int, lm_norm: jax.Array,
+def micro_batch_loss(trainable: Any, frozen: Any, batch: Mapping[str, jax.Array], key: jax.Array,
+                     n_keep: jax.Array, *, model: STLLM, cfg: TrainConfig, n_slots: int, lm_norm: jax.Array,
                      mvm_norm: float) -> tuple[jax.Array, dict]:
-  """Loss of one micro-batch, already scaled for summation over micro-batches."""
-  apply = functools.partial(model.apply, {'params': merge_params(trainable, frozen)})
-  visual = apply(batch, method='visual_tokens')  # [b, Nv, D]
-  b, n_visual = visual.shape[:2]
-  if n_keep < n_visual:
-    keep = masking.keep_indices(key, b, n_visual, n_keep)  # [b, n_keep]
-    kept = masking.gather_tokens(visual, keep)
-  else:
-    keep, kept = None, visual
-  embeddings, mask = apply(kept, batch['input_ids'], batch['attention_mask'], method='embed_inputs')
-  hidden = apply(embeddings, mask, method=lambda m, e, k: m.llm(e, k))  # [b, n_keep + L, D]
-  text_len = batch['input_ids'].shape[1]
-  # The hidden state just before each text token predicts it (the last visual one predicts the first).
-  text_hidden = jax.lax.dynamic_slice_in_dim(hidden, n_keep - 1, text_len, axis=1)
-  logits = apply(text_hidden, method=lambda m, h: m.llm.logits(h))  # [b, L, V] float32
-  lm_sum, lm_count = losses.lm_loss_sum(logits, batch['input_ids'], batch['answer_mask'])
+  """Loss of one micro-batch, already scaled for summation over micro-batches: the model's training pass
+  keeps `n_keep` visual tokens per sample (padded to `n_slots`), with dropout / drop path where the model
+  config has them."""
+  mask_key, dropout_key = jax.random.split(key)
+  b, num_frames = batch['frames'].shape[:2]
+  num_visual = model_config(model.config).num_visual_tokens(num_frames)
+  keep = masking.keep_indices(mask_key, b, num_visual, n_slots, n_keep) if cfg.masking.enabled else None
+  out = model.apply({'params': merge_params(trainable, frozen)}, batch, keep, n_keep, cfg.mvm_weight > 0,
+                    deterministic=False, rngs={'dropout': dropout_key}, method='training_pass')
+  lm_sum, lm_count = losses.lm_loss_sum(out.text_logits, batch['input_ids'], batch['answer_mask'])
   loss = lm_sum / lm_norm
   mvm = jnp.zeros((), jnp.float32)
   if cfg.mvm_weight > 0:
-    teacher_input = jax.lax.stop_gradient(visual)
-    teacher = jax.lax.stop_gradient(apply(teacher_input, jnp.ones((b, n_visual), jnp.int32),
-                                          method=lambda m, e, k: m.llm(e, k)))  # [b, Nv, D]
-    if keep is not None:
-      teacher = masking.gather_tokens(teacher, keep)
-    student = apply(hidden[:, :n_keep], method='mvm_head')
-    mvm = losses.mvm_loss(student, teacher, cfg.mvm_loss)
+    mvm = losses.mvm_loss(out.student, out.teacher, cfg.mvm_loss, out.slot_mask)
     loss = loss + cfg.mvm_weight * mvm / mvm_norm
   return loss, {'lm_sum': lm_sum, 'lm_count': lm_count, 'mvm': mvm}
 
@@ -198,21 +189,22 @@ def split_micro_batches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax
   return {k: split(v) for k, v in batch.items()}
 
 
-def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *, model: STLLM,
-               cfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               n_keep: int) -> tuple[TrainState, dict]:
-  """One optimizer step over `batch` (all of MODEL_BATCH_KEYS), keeping `n_keep` visual tokens per sample."""
+def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], n_keep: jax.Array, *,
+               model: STLLM, cfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               n_slots: int) -> tuple[TrainState, dict]:
+  """One optimizer step over `batch` (all of MODEL_BATCH_KEYS), keeping `n_keep` (int32 [], traced) visual
+  tokens per sample in `n_slots` (static: one program per bucket) slots (`masking.step_mask_plan`)."""
   batch = {k: batch[k] for k in MODEL_BATCH_KEYS}
   n_micro = cfg.grad_accum_steps
   rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
   lm_norm = jnp.maximum(jnp.sum(batch['answer_mask']).astype(jnp.float32), 1.0)
-  loss_fn = functools.partial(micro_batch_loss, model=model, cfg=cfg, n_keep=n_keep, lm_norm=lm_norm,
+  loss_fn = functools.partial(micro_batch_loss, model=model, cfg=cfg, n_slots=n_slots, lm_norm=lm_norm,
                               mvm_norm=float(n_micro))
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def accumulate(carry, micro):
     grads, loss, lm_sum, mvm = carry
-    (micro_loss, aux), micro_grads = grad_fn(state.params, frozen, micro['batch'], micro['key'])
+    (micro_loss, aux), micro_grads = grad_fn(state.params, frozen, micro['batch'], micro['key'], n_keep)
     grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
     return (grads, loss + micro_loss, lm_sum + aux['lm_sum'], mvm + aux['mvm'] / n_micro), None
 

@@ -124,7 +124,7 @@ def train(config: Any, workdir: str) -> dict:
   # The state keeps its shardings from step to step, so each bucket compiles exactly once.
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   train_step = jax.jit(functools.partial(step.train_step, model=model, cfg=train_cfg, tx=tx, schedule=schedule),
-                       static_argnames='n_keep', donate_argnames='state', out_shardings=(state_shardings, None))
+                       static_argnames='n_slots', donate_argnames='state', out_shardings=(state_shardings, None))
   writer = MetricsWriter(workdir)
   stop = {'signal': None}
   previous_handlers = _stop_on_signals(stop)
@@ -158,12 +158,13 @@ def train(config: Any, workdir: str) -> dict:
           os.kill(os.getpid(), signal.SIGKILL)
         host_batch = next(data)
         num_visual = model_cfg.num_visual_tokens(host_batch['frames'].shape[1])
-        rho, n_keep = masking.step_mask_plan(current, config.seed, num_visual, train_cfg.masking)
+        plan = masking.step_mask_plan(current, config.seed, num_visual, train_cfg.masking)
         batch = sharding.shard_batch({k: host_batch[k] for k in step.MODEL_BATCH_KEYS}, mesh)
-        state, metrics = train_step(state, frozen, batch, n_keep=n_keep)
+        state, metrics = train_step(state, frozen, batch, np.int32(plan.n_keep), n_slots=plan.n_slots)
         done = current + 1
         guard.add(done, metrics, run.directory, saved['step'])  # checks the step before (one in flight)
-        window.append(_StepRecord(metrics, rho, n_keep, *host_batch['frames'].shape[:2],
+        window.append(_StepRecord(metrics, plan.rho, plan.n_keep, plan.n_slots,
+                                  *host_batch['frames'].shape[:2],
                                   host_batch['input_ids'].shape[1]))
         progress.update(1)
         if done % train_cfg.log_every == 0 or done == total_steps or stop['signal']:
@@ -456,6 +457,7 @@ class _StepRecord(NamedTuple):
   metrics: dict  # device arrays, fetched once per logging window
   mask_rate: float
   kept_tokens: int
+  slots: int  # kept_tokens padded to a bucket
   local_batch: int
   num_frames: int
   text_len: int
@@ -470,6 +472,7 @@ def _summarise(window: list[_StepRecord], seconds: float, process_count: int) ->
   return {'loss': mean('loss'), 'lm_loss': mean('lm_loss'), 'mvm_loss': mean('mvm_loss'),
           'grad_norm': mean('grad_norm'), 'lr': float(device_metrics[-1]['lr']),
           'mask_rate': float(np.mean([r.mask_rate for r in window])), 'kept_tokens': window[-1].kept_tokens,
+          'kept_slots': window[-1].slots,
           'nonfinite_steps': int(sum(not bool(m['finite']) for m in device_metrics)),
           'rejected_steps': int(sum(not bool(m['accepted']) for m in device_metrics)),
           'update_norm': mean('update_norm'),

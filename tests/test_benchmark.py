@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from stllm_jax import configlib
 from stllm_jax.benchmark import cli, flops
 from stllm_jax.models import stllm
 
@@ -37,7 +38,8 @@ def check_train(result, steps):
 def test_train_two_steps(tmp_path, report):
   result = run(tmp_path, 'train', '--config', TINY, '--steps', '2', '--mask', 'both', '--mask-rate', '0.5', ONE_DEVICE)
   check_train(result, 2)
-  assert result['setup']['mvm'] and all(r['n_keep'] == 18 and r['unmasked_s'] > 0 for r in result['steps_log'])
+  assert result['setup']['mvm'] and all(r['n_keep'] == 16 and r['n_slots'] == 18 and r['unmasked_s'] > 0
+                                        for r in result['steps_log'])  # 32 - int(0.5 * 32) kept in 18 slots
   assert result['compiled_programs'] == 2 <= result['bucket_combinations'] == 4 * 2  # (13, 18, 23, 32) x (16, 24)
   assert result['unmasked']['masked_over_unmasked_median'] > 0
   report('benchmark (tiny, 2 steps, smoke only)',
@@ -127,6 +129,7 @@ def test_flops_match_a_hand_count():
     ([], 'unknown subcommand'),
     (['train', '--config', 'configs/missing.py'], 'does not exist'),
     (['plan', '--config', TINY, '--mesh', 'fsdp=two'], 'bad mesh spec'),
+    (['train', '--config', TINY, '--steps', '1'], 'give at least 2'),
     (['train', '--config', TINY, '--config.train.nope=1'], 'no field'),
 ])
 def test_errors_are_one_line(argv, message, capsys):
@@ -147,3 +150,21 @@ def test_peak_table_matches_device_kinds():
   assert devices.peak_tflops('TPU v5 lite') == 197.0
   assert devices.peak_tflops('TPU v5p') == 459.0
   assert devices.peak_tflops('cpu') is None
+
+
+def test_bt_adapter_flops_match_a_hand_count_and_xla(tmp_path, report):
+  config = configlib.load_config_file(TINY)
+  config.model.vision.bt_adapter.depth = 2
+  cfg = stllm.model_config(config.model)
+  # ViT width 64, MLP 128, 17 tokens (16 patches + CLS); 4 frames.
+  temporal = 2 * 16 * 4 * 5 * 64 * 64 + 16 * 2 * 2 * 4 * 4 * 64  # qkv, out, temporal_fc; attention over 4 frames
+  spatial = 4 * (2 * 17 * (4 * 64 * 64 + 2 * 64 * 128) + 2 * 2 * 17 * 17 * 64)  # an EVA block per frame
+  assert flops.bt_adapter_forward_per_video(cfg, 4) == 2 * (temporal + spatial)
+  got = flops.train_step_flops(cfg, batch_size=2, num_frames=4, text_len=16, qformer_text_len=8, n_keep=13, mvm=True)
+  assert got['bt_adapter_train'] == 2 * 3 * 2 * (temporal + spatial)
+  assert got['qformer_input_gradient'] == got['qformer_forward']
+  result = run(tmp_path, 'train', '--config', TINY, '--steps', '2', '--mask-rate', '0.5', ONE_DEVICE,
+               '--config.model.vision.bt_adapter.depth=2', '--config.model.qformer.dropout=0.1')
+  assert 0.8 < result['cost_check']['analytic_over_xla'] < 1.2
+  report('benchmark (tiny + 2-layer BT-Adapter, 2 steps)',
+         f"train: analytic / XLA FLOPs {result['cost_check']['analytic_over_xla']:.3f}")

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from stllm_jax import checkpoints, train
+from stllm_jax import checkpoints, sharding, train
 from stllm_jax.errors import UserError
+from stllm_jax.models import stllm
 
 
 @pytest.fixture(scope='module')
@@ -63,3 +64,26 @@ def test_resuming_with_other_frozen_weights_is_refused(tiny_run):
   config.train.steps = 3
   with pytest.raises(UserError, match='other frozen weights'):
     train.train(config, str(workdir))
+
+
+def test_a_bt_adapter_starts_from_the_vits_last_blocks_when_the_weights_lack_it(tiny_config, tiny_params, tmp_path):
+  """From InstructBLIP weights (no adapter) the QA recipe's adapter starts as the released code starts it."""
+  weights = str(tmp_path / 'weights')
+  checkpoints.save_weights(weights, jax.tree_util.tree_map(np.asarray, tiny_params), tiny_config().model.to_dict())
+  config = tiny_config()
+  config.model.vision.bt_adapter.depth = 1
+  config.init.checkpoint = weights
+  model_cfg = stllm.model_config(config.model)
+  mesh = sharding.make_mesh('fsdp=1')
+  shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
+  messages = []
+  params = checkpoints.initial_params(config, model_cfg, shardings, messages.append)
+  assert any('BT-Adapter started from ViT blocks 1-1' in m for m in messages), messages
+  adapter, vision = params['bt_adapter'], params['vision']['blocks']['layers']
+  last_block = jax.tree_util.tree_map(lambda x: np.asarray(x[-1]), vision)  # scanned: block 1 of 2
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, adapter['spatial_0']),
+                         last_block)
+  assert not np.any(np.asarray(adapter['temporal_0']['temporal_fc']['kernel']))
+  assert not np.any(np.asarray(adapter['cls_token'])) and 0.9 < float(np.std(adapter['frame_position'])) < 1.1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, params['llm']),
+                         jax.tree_util.tree_map(np.asarray, tiny_params['llm']))  # the rest as loaded

@@ -1,4 +1,5 @@
-"""Dynamic masking: rates, bucketed kept counts, random per-sample positions in order, static shapes."""
+"""Dynamic masking: rates, exact kept counts padded to buckets, random per-sample positions in order, static
+shapes."""
 
 import functools
 
@@ -22,15 +23,29 @@ def test_rates_stay_in_bounds_and_average_one_half():
   assert min(masking.sample_mask_rate(rng, released) for _ in range(20000)) < 0.3
 
 
-def test_kept_count_is_rounded_up_to_a_bucket():
+def test_kept_count_is_the_released_formula_and_slots_a_bucket():
   cfg = MaskingConfig(keep_buckets=(0.3, 0.5, 0.7))
   assert masking.bucket_sizes(512, cfg) == [154, 256, 359, 512]
-  assert masking.keep_count(512, 0.5, cfg) == 256  # 512 - 256 = 256 kept: exactly a bucket
-  assert masking.keep_count(512, 0.45, cfg) == 359  # 512 - 230 = 282 kept -> next bucket up
-  assert masking.keep_count(512, 0.7, cfg) == 154  # 512 - 358 = 154
-  for rho in np.linspace(0.3, 0.7, 41):
-    kept = masking.keep_count(512, rho, cfg)
-    assert kept >= 512 - int(rho * 512) and kept in masking.bucket_sizes(512, cfg)
+  assert masking.fixed_rate_plan(0.5, 512, cfg) == (0.5, 256, 256)  # 512 - 256 = 256 kept: exactly a bucket
+  assert masking.fixed_rate_plan(0.45, 512, cfg) == (0.45, 282, 359)  # 512 - int(230.4) = 282 kept, 359 slots
+  assert masking.fixed_rate_plan(0.7, 512, cfg) == (0.7, 154, 154)  # 512 - int(358.4) = 154
+  assert masking.fixed_rate_plan(0.1, 512, cfg) == (0.1, 461, 512)  # above every bucket: all 512 slots
+
+
+def test_realised_kept_counts_equal_the_released_formula_over_many_steps(report):
+  """Over 20,000 steps the kept count is exactly Nv - int(rho * Nv), so the realised mask rate is unbiased
+  (rounding up to the buckets, as before, gave a mean rate of about 0.476 at 512 tokens)."""
+  cfg = MaskingConfig()
+  plans = [masking.step_mask_plan(step, 0, 512, cfg) for step in range(20000)]
+  assert all(p.n_keep == 512 - int(p.rho * 512) for p in plans)
+  assert all(p.n_keep <= p.n_slots and p.n_slots in masking.bucket_sizes(512, cfg) for p in plans)
+  realised = np.mean([1 - p.n_keep / 512 for p in plans])
+  rounded_up = np.mean([1 - p.n_slots / 512 for p in plans])  # what the old bucket rounding kept
+  assert abs(realised - np.mean([p.rho for p in plans])) < 0.002 and abs(realised - 0.5) < 0.005
+  assert rounded_up < realised - 0.015
+  report('masking: realised mean mask rate over 20,000 steps at 512 visual tokens',
+         f'exact counts {realised:.4f} (mean rho {np.mean([p.rho for p in plans]):.4f}); '
+         f'rounded up to the buckets (before) {rounded_up:.4f}')
 
 
 def test_keep_indices_are_sorted_distinct_and_differ_between_samples():
@@ -44,6 +59,14 @@ def test_keep_indices_are_sorted_distinct_and_differ_between_samples():
   assert all(len(set(row // 32)) > 8 for row in idx)
 
 
+def test_padded_keep_indices_hold_the_same_tokens_then_padding():
+  key = jax.random.key(4)
+  exact = np.asarray(masking.keep_indices(key, 4, 512, 282))
+  padded = np.asarray(jax.jit(masking.keep_indices, static_argnums=(1, 2, 3))(key, 4, 512, 359, jnp.int32(282)))
+  np.testing.assert_array_equal(padded[:, :282], exact)  # the same random subset, in order
+  assert np.all(padded[:, 282:] == 0)
+
+
 def test_gather_keeps_tokens_in_order():
   tokens = jnp.arange(2 * 6 * 3, dtype=jnp.float32).reshape(2, 6, 3)
   kept = masking.gather_tokens(tokens, jnp.array([[0, 2, 5], [1, 3, 4]]))
@@ -55,27 +78,30 @@ def test_step_plan_is_reproducible_and_off_when_disabled():
   cfg = MaskingConfig()
   assert masking.step_mask_plan(17, 3, 512, cfg) == masking.step_mask_plan(17, 3, 512, cfg)
   assert masking.step_mask_plan(17, 3, 512, cfg) != masking.step_mask_plan(18, 3, 512, cfg)
-  assert masking.step_mask_plan(17, 3, 512, MaskingConfig(enabled=False)) == (0.0, 512)
+  assert masking.step_mask_plan(17, 3, 512, MaskingConfig(enabled=False)) == (0.0, 512, 512)
 
 
-def test_fifty_random_steps_compile_at_most_one_program_per_bucket():
+def test_two_hundred_random_steps_compile_at_most_one_program_per_bucket(report):
   cfg = MaskingConfig()
 
-  @functools.partial(jax.jit, static_argnames='n_keep')
-  def masked(tokens, key, n_keep):
-    return masking.gather_tokens(tokens, masking.keep_indices(key, tokens.shape[0], tokens.shape[1], n_keep)).sum()
+  @functools.partial(jax.jit, static_argnames='n_slots')
+  def masked(tokens, key, n_keep, n_slots):
+    keep = masking.keep_indices(key, tokens.shape[0], tokens.shape[1], n_slots, n_keep)
+    return masking.gather_tokens(tokens, keep).sum()
 
   tokens = jnp.ones((2, 512, 4))
-  used = set()
-  for step in range(50):
-    _, n_keep = masking.step_mask_plan(step, 0, 512, cfg)
-    used.add(n_keep)
-    masked(tokens, jax.random.key(step), n_keep=n_keep)
-  assert masked._cache_size() == len(used) <= len(masking.bucket_sizes(512, cfg))
+  slots, counts = set(), set()
+  for step in range(200):
+    plan = masking.step_mask_plan(step, 0, 512, cfg)
+    slots.add(plan.n_slots)
+    counts.add(plan.n_keep)
+    masked(tokens, jax.random.key(step), np.int32(plan.n_keep), n_slots=plan.n_slots)
+  assert masked._cache_size() == len(slots) <= len(masking.bucket_sizes(512, cfg)) < len(counts)
+  report('masking: programs compiled over 200 steps at 512 visual tokens',
+         f'{masked._cache_size()} (distinct kept counts {len(counts)}, buckets {len(masking.bucket_sizes(512, cfg))})')
 
 
 @pytest.mark.parametrize('kwargs, message', [(dict(low=0.8, high=0.7), 'low <= high'),
-                                             (dict(keep_buckets=(0.3, 0.5)), 'add a bucket >= 0.70'),
                                              (dict(keep_buckets=(0.0, 1.0)), 'fractions in')])
 def test_bad_masking_configs_are_explained(kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
       reexec_with_devices(mesh_device_count(args.mesh), argv)
     config = load_config(args.config, overrides)
     if args.command == 'train':
+      if args.steps < 2:
+        raise UserError(f'--steps {args.steps}: give at least 2 (the first step compiles; times come from the rest)')
       from stllm_jax.benchmark import train_bench  # pylint: disable=g-import-not-at-top
       result = train_bench.run(config, steps=args.steps, mask=args.mask, mask_rate=args.mask_rate,
                                against=args.against, threads=args.threads or None)

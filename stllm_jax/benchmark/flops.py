@@ -4,6 +4,10 @@
       EVA-ViT per frame: patch embedding, per block qkv / scores / values / out / fc1 / fc2 (bidirectional)
       Q-Former per frame over [K queries : Lq text]: self-attention on K + Lq, cross-attention of the K queries
         to the image tokens (every cross_attention_freq-th layer), query FFN on K, text FFN on Lq
+    BT-Adapter (model.vision.bt_adapter.depth > 0; trainable, 6 per weight per token): per layer a temporal
+      attention over the T frames of each patch (qkv, out, temporal_fc) and a whole EVA block per frame over
+      [CLS ; patches]; the gradient then flows back through the frozen Q-Former to the image tokens (one more
+      Q-Former forward's worth: input gradients only) and through the projection's input too
     projection (trainable, its input is frozen): forward + weight gradient = 4 FLOPs per weight per token
     LLM on [n_keep visual : L text] (trainable): 6 FLOPs per weight per token (forward, input and weight
       gradients); causal attention scores and values 2 x 2 x S^2 x H x hd / 2 per layer, x 3 for training;
@@ -41,6 +45,17 @@ def qformer_forward_per_frame(cfg: STLLMConfig, qformer_text_len: int) -> int:
   return q.num_layers * (self_attention + ffns) + cross_layers * cross_attention
 
 
+def bt_adapter_forward_per_video(cfg: STLLMConfig, num_frames: int) -> int:
+  """Forward FLOPs of the BT-Adapter on one video of `num_frames` frames (temporal + spatial layers)."""
+  v, t = cfg.vision, num_frames
+  patches = v.num_tokens - 1
+  temporal = (2 * patches * t * 5 * v.width * v.width  # qkv (3), out, temporal_fc on every patch of every frame
+              + patches * 2 * 2 * t * t * v.width)  # scores and values over the T frames of each patch
+  spatial = t * (2 * v.num_tokens * (4 * v.width * v.width + 2 * v.width * v.mlp_dim)  # qkv, out, fc1, fc2
+                 + 2 * 2 * v.num_tokens * v.num_tokens * v.width)  # scores and values over [CLS ; patches]
+  return v.bt_adapter.depth * (temporal + spatial)
+
+
 def llm_weight_flops_per_token(cfg: STLLMConfig) -> int:
   """Forward FLOPs of the LLM's transformer blocks per token (2 per weight; no LM head, no attention)."""
   m = cfg.llm
@@ -71,6 +86,10 @@ def train_step_flops(cfg: STLLMConfig, *, batch_size: int, num_frames: int, text
       'llm_attention_train': b * 3 * llm_causal_attention_forward(cfg, seq),
       'lm_head_train': b * 3 * text_len * 2 * d * cfg.llm.vocab_size,
   }
+  if cfg.vision.bt_adapter.depth:
+    parts['bt_adapter_train'] = b * 3 * bt_adapter_forward_per_video(cfg, num_frames)
+    parts['qformer_input_gradient'] = parts['qformer_forward']
+    parts['projection_train'] += frames_in_batch * k * 2 * cfg.qformer.width * d  # its input gradient
   if cfg.video_input == 'global_local':
     parts['global_mlp_train'] = b * 3 * k * 2 * 2 * d * cfg.global_mlp_dim
   if mvm:

@@ -63,7 +63,7 @@ def abstract_step_inputs(model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConf
                                  state_shardings)
   jitted = jax.jit(functools.partial(step.train_step, model=stllm.STLLM(model_cfg), cfg=train_cfg, tx=tx,
                                      schedule=schedule),
-                   static_argnames='n_keep', donate_argnames='state', out_shardings=(state_shardings, None))
+                   static_argnames='n_slots', donate_argnames='state', out_shardings=(state_shardings, None))
   return jitted, state, frozen
 
 
@@ -89,7 +89,7 @@ def memory_plan(model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConfig, mesh:
   jitted, state, frozen = abstract_step_inputs(model_cfg, train_cfg, mesh, batch)
   began = time.perf_counter()
   with sharding.activate(mesh):
-    lowered = jitted.lower(state, frozen, batch, n_keep=n_keep)
+    lowered = jitted.lower(state, frozen, batch, np.int32(n_keep), n_slots=n_keep)
   lower_s = time.perf_counter() - began
   compiled = lowered.compile()
   compile_s = time.perf_counter() - began - lower_s
@@ -123,5 +123,5 @@ def _batch_shards(mesh: jax.sharding.Mesh) -> int:
 
 
 def largest_keep(num_visual: int, cfg: masking.MaskingConfig) -> int:
-  """The most visual tokens a step keeps (the lowest mask rate's bucket): the worst case for memory."""
-  return masking.keep_count(num_visual, cfg.low, cfg) if cfg.enabled else num_visual
+  """The most visual-token slots a step has (the lowest mask rate's bucket): the worst case for memory."""
+  return masking.fixed_rate_plan(cfg.low, num_visual, cfg).n_slots if cfg.enabled else num_visual

@@ -1,6 +1,6 @@
 """`benchmark train`: the real jitted train step on random batches, timed step by step.
 
-    RandomBatches (host) -> masking plan (rho, n_keep) -> shard_batch -> jit(train_step) -> block_until_ready
+    RandomBatches (host) -> masking plan (rho, n_keep, n_slots) -> shard_batch -> jit(train_step) -> block_until_ready
 
 A step during which the jit cache grew compiled a program: its time minus the steady median is counted as
 compile time, and it is left out of the steady statistics. With `--against torch`, each step's batch also
@@ -37,10 +37,10 @@ class JaxTrainer:
   frozen: Any
   jitted: Any
 
-  def __call__(self, host_batch: dict[str, np.ndarray], n_keep: int) -> dict:
+  def __call__(self, host_batch: dict[str, np.ndarray], plan: masking.MaskPlan) -> dict:
     batch = sharding.shard_batch({k: host_batch[k] for k in step.MODEL_BATCH_KEYS}, self.mesh)
     with sharding.activate(self.mesh):
-      self.state, metrics = self.jitted(self.state, self.frozen, batch, n_keep=n_keep)
+      self.state, metrics = self.jitted(self.state, self.frozen, batch, np.int32(plan.n_keep), n_slots=plan.n_slots)
     return jax.block_until_ready(metrics)
 
 
@@ -66,16 +66,16 @@ def build_jax_trainer(config: Any) -> JaxTrainer:
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   jitted = jax.jit(functools.partial(step.train_step, model=stllm.STLLM(model_cfg), cfg=train_cfg, tx=tx,
                                      schedule=schedule),
-                   static_argnames='n_keep', donate_argnames='state', out_shardings=(state_shardings, None))
+                   static_argnames='n_slots', donate_argnames='state', out_shardings=(state_shardings, None))
   return JaxTrainer(config, model_cfg, train_cfg, mesh, state, frozen, jitted)
 
 
 def mask_plan(step_index: int, seed: int, num_visual: int, cfg: masking.MaskingConfig,
-              fixed_rate: float | None) -> tuple[float, int]:
-  """(rho, n_keep): the run's random rate per step, or one fixed rate (rounded up to its bucket like any other)."""
+              fixed_rate: float | None) -> masking.MaskPlan:
+  """The run's random rate per step, or one fixed rate (padded to its bucket like any other)."""
   if fixed_rate is None or not cfg.enabled:
     return masking.step_mask_plan(step_index, seed, num_visual, cfg)
-  return fixed_rate, masking.keep_count(num_visual, fixed_rate, cfg)
+  return masking.fixed_rate_plan(fixed_rate, num_visual, cfg)
 
 
 def unrolled_variant(config: Any) -> Any:
@@ -93,7 +93,7 @@ def is_unrolled(config: Any) -> bool:
 
 
 def xla_cost_and_memory(config: Any, mesh: jax.sharding.Mesh, host_batch: dict[str, np.ndarray],
-                        n_keep: int) -> dict[str, Any]:
+                        mask: masking.MaskPlan) -> dict[str, Any]:
   """XLA's FLOPs and memory analysis of the step for one batch shape (compiled ahead of time from abstract
   inputs; the unrolled variant when the config scans layers or micro-batches)."""
   variant = config if is_unrolled(config) else unrolled_variant(config)
@@ -104,7 +104,7 @@ def xla_cost_and_memory(config: Any, mesh: jax.sharding.Mesh, host_batch: dict[s
   jitted, state, frozen = plan.abstract_step_inputs(model_cfg, train_cfg, mesh, batch)
   began = time.perf_counter()
   with sharding.activate(mesh):
-    compiled = jitted.lower(state, frozen, batch, n_keep=n_keep).compile()
+    compiled = jitted.lower(state, frozen, batch, np.int32(mask.n_keep), n_slots=mask.n_slots).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {'program': 'the train step itself' if variant is config else
@@ -115,10 +115,11 @@ def xla_cost_and_memory(config: Any, mesh: jax.sharding.Mesh, host_batch: dict[s
           'memory_analysis': devices.compiled_memory(compiled)}
 
 
-def step_flops(model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConfig, host_batch: dict, n_keep: int) -> dict:
+def step_flops(model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConfig, host_batch: dict, n_slots: int) -> dict:
+  """The step's analytic FLOPs: the LLM computes every slot, padding included."""
   b, t = host_batch['frames'].shape[:2]
   return flops.train_step_flops(model_cfg, batch_size=b, num_frames=t, text_len=host_batch['input_ids'].shape[1],
-                                qformer_text_len=host_batch['qformer_input_ids'].shape[1], n_keep=n_keep,
+                                qformer_text_len=host_batch['qformer_input_ids'].shape[1], n_keep=n_slots,
                                 mvm=train_cfg.mvm_weight > 0)
 
 
@@ -142,31 +143,32 @@ def run(config: Any, *, steps: int, mask: str, mask_rate: float | None, against:
   for index in range(steps):
     host_batch = next(data)
     num_visual = model_cfg.num_visual_tokens(host_batch['frames'].shape[1])
-    rho, n_keep = mask_plan(index, config.seed, num_visual, train_cfg.masking, mask_rate)
+    plan = mask_plan(index, config.seed, num_visual, train_cfg.masking, mask_rate)
     programs_before = step.compiled_programs(trainer.jitted)
     began = time.perf_counter()
-    metrics = trainer(host_batch, n_keep)
+    metrics = trainer(host_batch, plan)
     jax_s = time.perf_counter() - began
-    record = {'rho': rho, 'n_keep': n_keep, 'text_len': host_batch['input_ids'].shape[1], 'jax_s': jax_s,
+    record = {'rho': plan.rho, 'n_keep': plan.n_keep, 'n_slots': plan.n_slots,
+              'text_len': host_batch['input_ids'].shape[1], 'jax_s': jax_s,
               'compiled': step.compiled_programs(trainer.jitted) > programs_before, 'loss': float(metrics['loss']),
-              'flops': step_flops(model_cfg, train_cfg, host_batch, n_keep)['total'],
-              'tokens': host_batch['frames'].shape[0] * (n_keep + host_batch['input_ids'].shape[1]),
+              'flops': step_flops(model_cfg, train_cfg, host_batch, plan.n_slots)['total'],
+              'tokens': host_batch['frames'].shape[0] * (plan.n_keep + host_batch['input_ids'].shape[1]),
               'frames': host_batch['frames'].shape[0] * host_batch['frames'].shape[1]}
     if mask == 'both':  # the same batch again, every visual token kept: the masked / unmasked A/B
       programs_before = step.compiled_programs(trainer.jitted)
       began = time.perf_counter()
-      trainer(host_batch, num_visual)
+      trainer(host_batch, masking.MaskPlan(0.0, num_visual, num_visual))
       record['unmasked_s'] = time.perf_counter() - began
       record['unmasked_compiled'] = step.compiled_programs(trainer.jitted) > programs_before
     if reference is not None:
       began = time.perf_counter()
-      record['torch_loss'] = reference(host_batch, n_keep)
+      record['torch_loss'] = reference(host_batch, plan.n_keep)
       record['torch_s'] = time.perf_counter() - began
     records.append(record)
     if cost is None:
-      cost = {'batch': {k: list(v.shape) for k, v in host_batch.items()}, 'n_keep': n_keep,
-              'analytic': step_flops(model_cfg, train_cfg, host_batch, n_keep)}
-      cost.update(xla_cost_and_memory(config, trainer.mesh, host_batch, n_keep))
+      cost = {'batch': {k: list(v.shape) for k, v in host_batch.items()}, 'n_keep': plan.n_keep,
+              'n_slots': plan.n_slots, 'analytic': step_flops(model_cfg, train_cfg, host_batch, plan.n_slots)}
+      cost.update(xla_cost_and_memory(config, trainer.mesh, host_batch, plan))
   return summarise(config, model_cfg, train_cfg, records, cost, mask, mask_rate, against, threads, trainer.jitted,
                    trainer.mesh.size)
 

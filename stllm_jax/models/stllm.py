@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -212,12 +212,58 @@ class STLLM(nn.Module):
                                          batch['attention_mask'])
     return self.llm.logits(self.llm(embeddings, mask))
 
+  def training_pass(self, batch: Mapping[str, Array], keep: Array | None, n_keep: Array | int,
+                    with_teacher: bool, deterministic: bool = False) -> TrainingPass:
+    """The training forward of paper section 3.2: the student on the masked video, the teacher on all of it.
+
+    keep int32 [B, n_slots] (`masking.keep_indices`): each sample's kept visual tokens in order in its first
+    `n_keep` slots (`n_keep` may be traced), padding after; None = no masking (every token, n_keep = Nv).
+    The LLM reads [kept tokens ; text ; padding slots]: positions run on over the real tokens, and the
+    padding, last in a causal sequence, is seen by no real token. `with_teacher`: the MVM sides too.
+    """
+    check_batch(batch)
+    visual = self.visual_tokens(batch, deterministic)  # [B, Nv, D]
+    b, n_visual = visual.shape[:2]
+    if keep is None:
+      keep, n_keep = jnp.broadcast_to(jnp.arange(n_visual, dtype=jnp.int32), (b, n_visual)), n_visual
+    kept = jnp.take_along_axis(visual, keep[:, :, None], axis=1)  # [B, n_slots, D]
+    text = self.llm.embed_tokens(batch['input_ids'])  # [B, L, D]
+    n_slots, text_len = keep.shape[1], text.shape[1]
+    slot_mask = jnp.arange(n_slots) < n_keep  # [n_slots]: real kept tokens, then padding
+    order = real_tokens_first(n_slots, text_len, n_keep)  # [n_slots + L] into [slots ; text]
+    embeddings = jnp.concatenate([kept.astype(text.dtype), text], axis=1)[:, order]
+    mask = jnp.concatenate([jnp.broadcast_to(slot_mask, (b, n_slots)).astype(batch['attention_mask'].dtype),
+                            batch['attention_mask']], axis=1)[:, order]
+    hidden = self.llm(embeddings, mask)  # [B, n_slots + L, D]
+    # The hidden state just before each text token predicts it (the last kept visual one predicts the first).
+    text_logits = self.llm.logits(jax.lax.dynamic_slice_in_dim(hidden, n_keep - 1, text_len, axis=1))
+    if not with_teacher:
+      return TrainingPass(text_logits, None, None, slot_mask)
+    # Visual tokens first + causal attention: the teacher's visual outputs depend on the visual prefix only.
+    teacher = self.llm(jax.lax.stop_gradient(visual), jnp.ones((b, n_visual), jnp.int32))  # [B, Nv, D]
+    teacher = jax.lax.stop_gradient(jnp.take_along_axis(teacher, keep[:, :, None], axis=1))  # [B, n_slots, D]
+    return TrainingPass(text_logits, self.mvm_head(hidden[:, :n_slots]), teacher, slot_mask)
+
   def initialize(self, batch: Mapping[str, Array]) -> Array:
     """`__call__` plus the training-only parts (MVM head): the method `init` runs to create every parameter."""
     logits = self(batch)
     if self.cfg.mvm_head:
       self.mvm_head(jnp.zeros((1, 1, self.cfg.llm.width), logits.dtype))
     return logits
+
+
+class TrainingPass(NamedTuple):
+  text_logits: Array  # float32 [B, L, vocab]: position j predicts input_ids[:, j]
+  student: Array | None  # [B, n_slots, D]: the MVM head on the student's hidden states at the kept slots
+  teacher: Array | None  # [B, n_slots, D]: the unmasked pass's hidden states at the same tokens (no gradient)
+  slot_mask: Array  # bool [n_slots]: the real kept tokens (the rest is padding no loss may read)
+
+
+def real_tokens_first(n_slots: int, text_len: int, n_keep: Array | int) -> Array:
+  """int32 [n_slots + L]: the order that takes [n_slots kept slots ; L text] to [n_keep real slots ; text ;
+  padding slots], so the sequence's positions run on over the real tokens."""
+  i = jnp.arange(n_slots + text_len, dtype=jnp.int32)
+  return jnp.where(i < n_keep, i, jnp.where(i < n_keep + text_len, n_slots + i - n_keep, i - text_len))
 
 
 def dummy_batch(config: Any, batch_size: int = 1, num_frames: int = 0, text_len: int = 1,
