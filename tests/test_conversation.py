@@ -61,14 +61,39 @@ def test_encode_prompt_for_generation(word_tok):
   np.testing.assert_array_equal(ids, [2, 3, 7, 8, 4])
 
 
-def test_truncation_cuts_the_answer_side_and_counts(word_tok):
-  encoded = conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', 'A red ball.', 9)
-  np.testing.assert_array_equal(encoded.input_ids, [2, 3, 5, 6, 7, 8, 4, 9, 10])  # 'ball.' and '</s>' dropped
-  np.testing.assert_array_equal(encoded.answer_mask, [0, 0, 0, 0, 0, 0, 0, 1, 1])
-  assert encoded.truncated_tokens == 2
-  with pytest.raises(SampleError) as e:
-    conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', 'A red ball.', 7)
-  assert e.value.reason == 'prompt_too_long'
+def test_answer_is_cut_to_256_tokens_from_the_right_and_the_prompt_never(word_tok):
+  # The released code tokenises answer + '</s>' with truncation=True, max_length=256 (right side): the first
+  # 256 tokens stay, so a long answer loses its end and its closing </s>. 300 x 'red' + </s> = 301 tokens.
+  answer = ' '.join(['red'] * 300)
+  encoded = conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', answer, 1024)
+  prompt = [2, 3, 5, 6, 7, 8, 4]  # </s> ###Human: Watch closely. What moves? ###Assistant:
+  np.testing.assert_array_equal(encoded.input_ids, prompt + [10] * 256)  # 7 + 256 = 263 tokens, no </s>
+  np.testing.assert_array_equal(encoded.answer_mask, [0] * 7 + [1] * 256)
+  assert encoded.truncated_tokens == 301 - 256
+  short = conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', 'A red ball.', 1024,
+                                            max_answer_tokens=2)
+  np.testing.assert_array_equal(short.input_ids, prompt + [9, 10])  # 'ball.' and '</s>' dropped
+  assert short.truncated_tokens == 2
+
+
+def test_text_that_does_not_fit_is_skipped_never_cut(word_tok):
+  # prompt 7 tokens + answer 'A red ball.' </s> 4 tokens = 11 > 9: skipped as a whole, the answer is not cut to fit
+  assert len(conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', 'A red ball.', 11)
+             .input_ids) == 11
+  for max_length in (10, 7, 3):
+    with pytest.raises(SampleError) as e:
+      conversation.encode_training_text(word_tok, 'Watch closely.', 'What moves?', 'A red ball.', max_length)
+    assert e.value.reason == 'text_too_long' and '11 tokens' in e.value.message
+
+
+def test_trailing_whitespace_of_the_answer_goes_as_in_the_released_tokenisation(tiny_dirs):
+  # The released code tokenises answer + '</s>' in one call, and its tokenizer strips the text next to a special
+  # token given as a plain string: 'A red ball. </s>' and 'A red ball.\n</s>' encode as 'A red ball.</s>'.
+  tok = conversation.load_llm_tokenizer(tiny_dirs[0])
+  plain = conversation.encode_training_text(tok, '', 'What moves?', 'A red ball.', 128).input_ids
+  for answer in ('A red ball. ', 'A red ball.\n', 'A red ball. \n '):
+    np.testing.assert_array_equal(conversation.encode_training_text(tok, '', 'What moves?', answer, 128).input_ids,
+                                  plain)
 
 
 def test_qformer_tokens_with_dec_and_left_truncation(tiny_dirs):

@@ -14,9 +14,11 @@ With an empty instruction the turn is `###Human: {question} ###Assistant: `.
 The Q-Former reads `{instruction} {question}` through the BERT tokenizer (with `[DEC]`), left-truncated to
 256 tokens (`[CLS]`/`[SEP]` kept), as LAVIS does.
 
-Text longer than the largest bucket loses tokens from the end of the answer side (counted in
-`EncodedText.truncated_tokens`); a prompt that leaves no room for one answer token is a `prompt_too_long`
-skip. Visual tokens are never touched here.
+Lengths follow the released code: the answer and its closing `</s>` are cut to `max_answer_tokens` (256, its
+`max_txt_len`) from the right, so a long answer loses its end and its `</s>` (counted in
+`EncodedText.truncated_tokens`); the prompt is never cut. A pair still longer than the largest text bucket
+(1024 in the 7B configs) is skipped as `text_too_long`, never cut to fit. The answer's trailing whitespace is
+dropped, as the released tokenisation of `answer + '</s>'` drops it. Visual tokens are never touched here.
 
 Tokenizers load from local directories only (`AutoTokenizer.from_pretrained(dir, local_files_only=True)`).
 
@@ -49,6 +51,7 @@ HUMAN = '###Human: '
 ASSISTANT = '###Assistant: '
 SEPARATOR = '###'  # generation stops at it
 QFORMER_MAX_LENGTH = 256
+MAX_ANSWER_TOKENS = 256  # the released max_txt_len: the answer and its closing </s> are cut to this many tokens
 
 MVBENCH_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
                   'movement of objects, and the action and pose of persons. Based on your observations, select the '
@@ -176,7 +179,7 @@ def load_qformer_tokenizer(directory: str):
 class EncodedText:
   input_ids: np.ndarray  # int32 [n]: </s> prompt answer </s>
   answer_mask: np.ndarray  # int32 [n]: 1 on answer tokens and the closing </s>
-  truncated_tokens: int  # answer-side tokens dropped to fit max_length
+  truncated_tokens: int  # answer tokens (its closing </s> included) cut to max_answer_tokens
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -199,17 +202,23 @@ def encode_turns(tokenizer, turns: Sequence[tuple[str, str]]) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-def encode_training_text(tokenizer, instruction: str, question: str, answer: str,
-                         max_length: int) -> EncodedText:
-  """Token ids and answer mask of one QA pair, at most `max_length` tokens (answer side cut first)."""
+def encode_training_text(tokenizer, instruction: str, question: str, answer: str, max_length: int,
+                         max_answer_tokens: int = MAX_ANSWER_TOKENS) -> EncodedText:
+  """Token ids and answer mask of one QA pair: the answer + `</s>` cut to `max_answer_tokens` from the right,
+  the prompt whole; raises SampleError('text_too_long') if the two exceed `max_length` (the largest bucket).
+
+  The released code tokenises `answer + '</s>'` in one call, and its tokenizer strips the text next to a special
+  token given as a plain string, so trailing whitespace of the answer never becomes a token.
+  """
   eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
   prompt = encode_prompt(tokenizer, human_turn(instruction, question))
-  target = np.asarray(_ids(tokenizer, answer) + [eos], np.int32)
-  room = max_length - len(prompt)
-  if room < 1:
-    raise SampleError('prompt_too_long', f'the prompt has {len(prompt)} tokens; the largest text bucket is '
-                      f'{max_length} (raise data.text_buckets)')
-  kept = target[:room]
+  target = np.asarray(_ids(tokenizer, answer.rstrip()) + [eos], np.int32)
+  kept = target[:max_answer_tokens]
+  length = len(prompt) + len(kept)
+  if length > max_length:
+    raise SampleError('text_too_long', f'the prompt ({len(prompt)} tokens) and the answer ({len(kept)} tokens, cut '
+                      f'to data.max_answer_tokens={max_answer_tokens}) make {length} tokens; the largest text bucket '
+                      f'is {max_length} (data.text_buckets)')
   input_ids = np.concatenate([prompt, kept])
   answer_mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(kept), np.int32)])
   return EncodedText(input_ids, answer_mask, len(target) - len(kept))
