@@ -79,7 +79,7 @@ def load_frames(path: str, policy: inference.FramePolicy, image_size: int) -> in
 def describe_frames(path: str, loaded: inference.InferenceVideo, policy: inference.FramePolicy) -> str:
   times = ', '.join(f'{t:.1f}' for t in inference.frame_times(loaded))
   repeated = '' if loaded.num_real_frames == len(loaded.indices) else \
-      f' ({len(loaded.indices) - loaded.num_real_frames} repeated: the video is short)'
+      f' ({len(loaded.indices) - loaded.num_real_frames} repeated)'
   return (f'video {path}: {loaded.duration_s:.1f} s at {loaded.fps:.3g} fps; {len(loaded.indices)} frames '
           f'({policy.describe()}){repeated} at {times} s')
 

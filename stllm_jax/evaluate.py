@@ -10,7 +10,8 @@ MVBench reads the published layout: DIR/json/<task>.json (entries `video`, `ques
 folders), per the task table below; a DIR/tasks.json (task -> json, prefix, data_type, bound) replaces that
 table (the synthetic set writes one). Prompt, greedy decoding (stop at `###`, 100 new tokens) and answer
 matching are the original's (data/conversation.py). Frames: one per second, 4 to 16 (`--frames 16` for the
-fixed-T column of the paper's Table 2). Predictions are appended to OUT/predictions.jsonl as batches finish;
+fixed-T column of the paper's Table 2), at the released benchmark's indices (`video.mvbench_indices`: bounds
+rounded to frames, GIFs timed at 25 fps, frame folders at 3 fps numbered from 1). Predictions are appended to OUT/predictions.jsonl as batches finish;
 the same command resumes an interrupted run where it stopped. A video that cannot be read is recorded with its
 error and counted wrong (and reported).
 
@@ -92,6 +93,7 @@ class Item:
   start: float | None = None
   end: float | None = None
   record: dict = dataclasses.field(default_factory=dict)  # what the prediction line starts from
+  data_type: str = 'video'  # MVBench's media kind: video | gif | frame
 
   @property
   def video(self) -> str:
@@ -144,8 +146,9 @@ def mvbench_items(data_root: str, tasks: dict[str, TaskSpec]) -> list[Item]:
         raise UserError(f'{path} entry {index} is malformed ({type(e).__name__}: {e}); an entry holds video, '
                         'question, candidates, answer (and start, end for this task)') from e
       text = conversation.mvbench_question(question, candidates)
-      items.append(Item(f'{task}/{index}', os.path.join(data_root, spec.prefix), media, text, conversation.mvbench_prompt(question, candidates), start, end,
-                        dict(task=task, index=index, video=entry['video'], question=text, gt=truth)))
+      items.append(Item(f'{task}/{index}', os.path.join(data_root, spec.prefix), media, text,
+                        conversation.mvbench_prompt(question, candidates), start, end,
+                        dict(task=task, index=index, video=entry['video'], question=text, gt=truth), spec.data_type))
   return items
 
 
@@ -239,8 +242,22 @@ class PredictionLog:
 # ----------------------------------------------------------------------------------------- the loop
 
 
+FrameLoader = Callable[[str, Item], inference.InferenceVideo]  # (media path inside the root, item) -> frames
+
+
+def mvbench_frames(policy: inference.FramePolicy, image_size: int) -> FrameLoader:
+  """MVBench's own frames (the released benchmark's indices, bounds, GIF and frame-folder rules)."""
+  return lambda path, item: inference.load_mvbench_video(path, item.data_type, policy, image_size, item.start,
+                                                         item.end, FRAME_FOLDER_FPS)
+
+
+def qa_frames(policy: inference.FramePolicy, image_size: int) -> FrameLoader:
+  """The released chat / QA frames of the whole video."""
+  return lambda path, item: inference.load_video_with_policy(path, policy, image_size)
+
+
 def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log: PredictionLog,
-                 policy: inference.FramePolicy, config: generate.GenerationConfig, batch_size: int,
+                 load_frames: FrameLoader, config: generate.GenerationConfig, batch_size: int,
                  finish: Callable[[Item, str | None, str | None], dict], out: TextIO) -> generate.GenerationStats:
   """Answers the items `log` does not hold yet, `batch_size` at a time, appending `finish(item, answer, error)`."""
   todo = [item for item in items if item.key not in log.done]
@@ -249,7 +266,6 @@ def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log:
           flush=True)
   interrupt_after = int(os.environ.get(INTERRUPT_AFTER_ENV, '0'))
   stats = generate.GenerationStats()
-  image_size = generator.config.vision.image_size
   progress = tqdm(total=len(items), initial=len(items) - len(todo), unit='question', file=sys.stderr,
                   dynamic_ncols=True)
   try:
@@ -258,9 +274,7 @@ def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log:
       records, requests, readable = [], [], []
       for item in batch:
         try:
-          path = annotations.media_path(item.media_root, item.media)
-          loaded = inference.load_video_with_policy(path, policy, image_size, item.start, item.end,
-                                                    FRAME_FOLDER_FPS)
+          loaded = load_frames(annotations.media_path(item.media_root, item.media), item)
         except SampleError as e:
           records.append(finish(item, None, str(e)))
           continue
@@ -340,7 +354,8 @@ def run_mvbench(args: argparse.Namespace, out: TextIO) -> dict:
       checkpoint=os.path.abspath(args.checkpoint), data_root=os.path.abspath(args.data_root), frames=policy.name,
       generation=dataclasses.asdict(MVBENCH_GENERATION)))
   print(f'frames: {policy.describe()}; predictions: {log.path}', file=out, flush=True)
-  stats = answer_items(generator, items, log, policy, MVBENCH_GENERATION, args.batch_size, mvbench_record, out)
+  stats = answer_items(generator, items, log, mvbench_frames(policy, generator.config.vision.image_size),
+                       MVBENCH_GENERATION, args.batch_size, mvbench_record, out)
   records = [log.done[item.key] for item in items]
   rows, table = accuracy_table(records, list(tasks))
   print(table, file=out)
@@ -376,7 +391,8 @@ def run_qa(args: argparse.Namespace, out: TextIO) -> list[dict]:
       frames=policy.name, generation=dataclasses.asdict(config)))
   print(f'{args.format}: {len(items)} questions; frames: {policy.describe()}; {config.num_beams} beams', file=out,
         flush=True)
-  stats = answer_items(generator, items, log, policy, config, args.batch_size, qa_record, out)
+  stats = answer_items(generator, items, log, qa_frames(policy, generator.config.vision.image_size), config,
+                       args.batch_size, qa_record, out)
   predictions = [{k: v for k, v in log.done[item.key].items() if k not in ('key', 'frames')} for item in items]
   with open(args.out, 'w', encoding='utf-8') as f:
     json.dump(predictions, f, indent=1)

@@ -23,7 +23,8 @@ def test_one_shot_prints_frames_answer_and_speed(paths, capsys):
   chat.main(['--checkpoint', paths.checkpoint, '--video', paths.video, '--prompt', 'What shape is the moving object?',
              '--max-new-tokens', '8'])
   out = capsys.readouterr().out
-  assert '4 frames (1 per second, 4-16) at 0.1, 0.6, 1.1, 1.6 s' in out
+  # 16 frames at 8 fps = 2 s -> 4 frames (the minimum) at the released segment middles 2, 6, 9, 13
+  assert '4 frames (1 per second, 4-16) at 0.2, 0.8, 1.1, 1.6 s' in out
   assert out.count('ST-LLM: ') == 1
   assert 'tokens/s' in out
 

@@ -3,11 +3,13 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
+from data_helpers import decode_all
 import inference_helpers
 from stllm_jax import evaluate
-from stllm_jax.data import conversation, inference, synthetic
+from stllm_jax.data import conversation, inference, synthetic, transforms
 from stllm_jax.errors import UserError
 
 REFERENCE_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
@@ -68,7 +70,7 @@ def test_frame_policies():
   assert inference.parse_frame_policy('auto') == inference.FramePolicy('fps', 16, (4, 16))
   assert inference.parse_frame_policy('16') == inference.FramePolicy('middle', 16)
   assert inference.parse_frame_policy('fps:2-8').fps_range == (2, 8)
-  assert inference.parse_frame_policy('auto', 'global_local', 16) == inference.FramePolicy('middle', 64)
+  assert inference.parse_frame_policy('auto', 'global_local', 16) == inference.FramePolicy('middle', 64, min_frames=16)
   with pytest.raises(ValueError, match='at least num_local_frames=16'):
     inference.parse_frame_policy('fps', 'global_local', 16)
   with pytest.raises(ValueError, match='use auto, fps'):
@@ -81,22 +83,34 @@ def test_mvbench_items_read_every_media_kind_and_bounds(paths):
   gif, folder, bounded = (items[f'{t}/0'] for t in ('Action Antonym (GIF)', 'Episodic Reasoning (frames)',
                                                     'Action Sequence (bounds)'))
   assert gif.video.endswith('.gif') and os.path.isdir(folder.video)
+  assert (gif.data_type, folder.data_type, bounded.data_type) == ('gif', 'frame', 'video')
   assert (folder.start, folder.end) == (1.0, 4.5) and (bounded.start, bounded.end) == (0.5, 1.5)
   assert items['Moving Direction/0'].start is None
-  policy = inference.FramePolicy()
-  loaded = inference.load_video_with_policy(bounded.video, policy, 56, bounded.start, bounded.end)
-  times = inference.frame_times(loaded)
-  assert len(times) == 4 and times.min() >= 0.5 and times.max() < 1.5
-  frames = inference.load_video_with_policy(folder.video, policy, 56, folder.start, folder.end,
-                                            evaluate.FRAME_FOLDER_FPS)
-  assert frames.frames.shape == (4, 56, 56, 3) and inference.frame_times(frames).min() >= 1.0
-  assert inference.load_video_with_policy(gif.video, policy, 56).frames.shape == (4, 56, 56, 3)
+  load = evaluate.mvbench_frames(inference.FramePolicy(), 56)
+  # The synthetic videos have 16 frames at 8 fps. Bounds 0.5-1.5 s: start round(4.0) = 4, end round(12.0) = 12,
+  # 1 s -> 4 frames (the minimum), seg 8 / 4 = 2: int(4 + 1 + 2k) = 5, 7, 9, 11
+  loaded = load(bounded.video, bounded)
+  np.testing.assert_array_equal(loaded.indices, [5, 7, 9, 11])
+  np.testing.assert_array_equal(loaded.frames, transforms.eval_transform(decode_all(bounded.video)[[5, 7, 9, 11]], 56))
+  # The same 16 frames as PNG files 00001..00016 read at 3 fps, bounds 1.0-4.5 s: start round(3.0) = 3, end
+  # round(13.5) = 14, 3.5 s -> 4 frames, seg 11 / 4 = 2.75: int(4.375 + 0, 3, 6, 8) = files 4, 7, 10, 12
+  loaded = load(folder.video, folder)
+  np.testing.assert_array_equal(loaded.indices, [3, 6, 9, 11])  # files 00004.png ... counted from 0
+  np.testing.assert_array_equal(loaded.frames, transforms.eval_transform(decode_all(bounded.video)[[3, 6, 9, 11]], 56))
+  # The GIF, timed at 25 fps as the released reader times every GIF: last frame 15, 0.6 s -> 4 frames,
+  # seg 15 / 4 = 3.75: int(1.875 + 0, 4, 8, 11) = 1, 5, 9, 12
+  np.testing.assert_array_equal(load(gif.video, gif).indices, [1, 5, 9, 12])
+  # --frames 8 on a whole 16-frame video: seg 15 / 8 = 1.875: int(0.9375 + round(1.875k)) with the rounded
+  # 0, 2 (1.875), 4 (3.75), 6 (5.625), 8 (7.5), 9 (9.375), 11 (11.25), 13 (13.125)
+  whole = items['Moving Direction/0']
+  np.testing.assert_array_equal(evaluate.mvbench_frames(inference.FramePolicy('middle', 8), 56)(whole.video, whole)
+                                .indices, [0, 2, 4, 6, 8, 9, 11, 13])
 
 
 def test_mvbench_runs_resumes_and_does_not_redo_questions(paths, tmp_path, monkeypatch, capsys):
   loads = []
-  real_load = inference.load_video_with_policy
-  monkeypatch.setattr(evaluate.inference, 'load_video_with_policy',
+  real_load = inference.load_mvbench_video
+  monkeypatch.setattr(evaluate.inference, 'load_mvbench_video',
                       lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
   argv = ['mvbench', '--checkpoint', paths.checkpoint, '--data-root', paths.mvbench, '--out', str(tmp_path),
           '--batch-size', '4']
