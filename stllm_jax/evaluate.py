@@ -8,12 +8,12 @@
 MVBench reads the published layout: DIR/json/<task>.json (entries `video`, `question`, `candidates`,
 `answer`, and `start`/`end` for the tasks with bounds) and the media under DIR/video/ (files, GIFs, frame
 folders), per the task table below; a DIR/tasks.json (task -> json, prefix, data_type, bound) replaces that
-table (the synthetic set writes one). Prompt, greedy decoding (stop at `###`, 100 new tokens) and answer
-matching are the original's (data/conversation.py). Frames: one per second, 4 to 16 (`--frames 16` for the
+table (the synthetic set writes one). Prompt, greedy decoding (stop at `###`, 100 new tokens, no EOS first) and
+answer matching are the original's (data/conversation.py). Frames: one per second, 4 to 16 (`--frames 16` for the
 fixed-T column of the paper's Table 2), at the released benchmark's indices (`video.mvbench_indices`: bounds
-rounded to frames, GIFs timed at 25 fps, frame folders at 3 fps numbered from 1). Predictions are appended to OUT/predictions.jsonl as batches finish;
-the same command resumes an interrupted run where it stopped. A video that cannot be read is recorded with its
-error and counted wrong (and reported).
+rounded to frames, GIFs timed at 25 fps, frame folders at 3 fps numbered from 1). Predictions are appended to
+OUT/predictions.jsonl as batches finish; the same command resumes an interrupted run where it stopped. A video
+that cannot be read is recorded with its error and counted wrong (and reported).
 
 QA writes, for the judge scripts of each benchmark, a JSON list in question order:
     msvd, msrvtt, activitynet: {"id", "question", "answer", "pred"}
@@ -40,7 +40,9 @@ from stllm_jax.errors import UserError, exit_with
 INTERRUPT_AFTER_ENV = 'STLLM_EVAL_INTERRUPT_AFTER'  # fault injection: Ctrl-C after N batches (resume tests)
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
 
-MVBENCH_GENERATION = generate.GenerationConfig(max_new_tokens=100)
+# The released MVBench decoding: greedy, 100 new tokens, stop at '###', and min_length=1 on inputs_embeds, which in
+# its transformers 4.28 forbids EOS as the first new token.
+MVBENCH_GENERATION = generate.GenerationConfig(max_new_tokens=100, min_new_tokens=1)
 QA_GENERATION = generate.GenerationConfig(max_new_tokens=300, num_beams=5, repetition_penalty=1.5, min_new_tokens=1)
 
 

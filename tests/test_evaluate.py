@@ -8,7 +8,7 @@ import pytest
 
 from data_helpers import decode_all
 import inference_helpers
-from stllm_jax import evaluate
+from stllm_jax import evaluate, generate
 from stllm_jax.data import conversation, inference, synthetic, transforms
 from stllm_jax.errors import UserError
 
@@ -46,6 +46,14 @@ def test_mvbench_tokens_start_with_eos(paths):
 def test_answer_matching_is_the_originals(answer, correct):
   prediction = conversation.mvbench_prediction(answer)
   assert conversation.mvbench_is_correct(prediction, '(A) cat') is correct
+
+
+def test_mvbench_decoding_is_the_released_one():
+  # stllm/test/mvbench/mv_bench.py: generate(do_sample=False, num_beams=1, max_new_tokens=100, min_length=1,
+  # repetition_penalty=1.0) on inputs_embeds, stopped at '###'; with transformers 4.28 min_length=1 bans EOS as
+  # the first new token
+  assert evaluate.MVBENCH_GENERATION == generate.GenerationConfig(
+      max_new_tokens=100, num_beams=1, do_sample=False, repetition_penalty=1.0, min_new_tokens=1, stop_strings=('###',))
 
 
 def test_answer_matching_on_whole_predictions():
