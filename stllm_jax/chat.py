@@ -7,7 +7,8 @@
 With `--prompt` it answers once and exits; otherwise it reads questions from standard input until an empty
 input at end of file, `exit` or `quit`. By default every question is answered on its own, as the released demo
 does: `</s>{system text}###Human: {question} ###Assistant: ` after the visual tokens, 5 beams, repetition
-penalty 1.5, up to 300 new tokens, EOS never first. `--multi-turn` keeps the conversation in the training
+penalty 1.5, up to 300 new tokens, EOS never first, and a context longer than 2000 - 300 tokens loses its first
+visual tokens (said on screen; `--context-limit`). `--multi-turn` keeps the conversation in the training
 template instead (`</s>###Human: q1 ###Assistant: a1</s>###Human: q2 ###Assistant: `, no system text; `/reset`
 forgets it). The Q-Former reads the current question. Frames: a global-local model (the conversation model)
 takes 64 segment middles as the demo does, others one per second, 4 to 16 (`auto`). The frames used (count,
@@ -34,6 +35,7 @@ from stllm_jax.errors import UserError, exit_with
 DEFAULT_MAX_NEW_TOKENS = 300
 DEFAULT_NUM_BEAMS = 5
 DEFAULT_REPETITION_PENALTY = 1.5
+DEFAULT_CONTEXT_LIMIT = 2000  # its max_length: the context is cut from the left to 2000 - max_new_tokens
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--temperature', type=float, default=1.0)
   parser.add_argument('--top-p', type=float, default=0.9)
   parser.add_argument('--repetition-penalty', type=float, default=DEFAULT_REPETITION_PENALTY)
+  parser.add_argument('--context-limit', type=int, default=DEFAULT_CONTEXT_LIMIT,
+                      help='visual + text + new tokens; a longer context loses its first visual tokens (said on '
+                           f'screen), as the released demo cuts it (default {DEFAULT_CONTEXT_LIMIT}; 0: never cut)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--llm-tokenizer', default='', help='override the checkpoint\'s LLM tokenizer directory')
   parser.add_argument('--qformer-tokenizer', default='', help='override the checkpoint\'s Q-Former tokenizer directory')
@@ -62,7 +67,7 @@ def generation_config(args: argparse.Namespace) -> generate.GenerationConfig:
   config = generate.GenerationConfig(
       max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, num_beams=args.num_beams, do_sample=args.sample,
       temperature=args.temperature, top_p=args.top_p if args.sample else 1.0,
-      repetition_penalty=args.repetition_penalty, min_new_tokens=1)
+      repetition_penalty=args.repetition_penalty, min_new_tokens=1, context_limit=args.context_limit)
   try:
     config.validate()
   except ValueError as e:
@@ -120,19 +125,19 @@ class Conversation:
       return conversation.encode_turns(tokenizer, conversation.chat_turns(self.history, question))
     return conversation.encode_prompt(tokenizer, conversation.qa_prompt(question, with_system=True))
 
-  def ask(self, question: str) -> tuple[str, generate.GenerationStats]:
+  def ask(self, question: str) -> tuple[generate.Generation, generate.GenerationStats]:
     prompt_ids = self.prompt_ids(question)
     request = generate.Request(self.frames, question, prompt_ids)
     config = self.config
     if self.fit_length:
-      prompt_tokens = self.generator.config.num_visual_tokens(self.frames.shape[0]) + len(prompt_ids)
-      room = self.generator.max_positions - prompt_tokens
+      context = self.generator.config.num_visual_tokens(self.frames.shape[0]) + len(prompt_ids)
+      room = self.generator.max_positions - context + generate.context_cut(context, config)
       config = dataclasses.replace(config, max_new_tokens=max(1, min(config.max_new_tokens, room)))
     (result,), stats = self.generator.generate([request], config, self.seed + self.questions_asked)
     self.questions_asked += 1
     if self.multi_turn:
       self.history.append((question, result.text))
-    return result.text, stats
+    return result, stats
 
 
 def run(args: argparse.Namespace, read_line: Callable[[], str | None], out: TextIO) -> None:
@@ -161,13 +166,16 @@ def run(args: argparse.Namespace, read_line: Callable[[], str | None], out: Text
     if not question:
       continue
     try:
-      answer, stats = chat.ask(question)
+      result, stats = chat.ask(question)
     except ValueError as e:  # the conversation outgrew the model's positions
       if args.prompt is not None:
         raise UserError(str(e)) from e
       print(f'error: {e} (type /reset to start over)', file=out, flush=True)
       continue
-    print(f'ST-LLM: {answer}', file=out)
+    if result.context_cut:
+      print(f'[the first {result.context_cut} visual tokens were cut to fit --context-limit {config.context_limit}]',
+            file=out)
+    print(f'ST-LLM: {result.text}', file=out)
     print(describe_speed(stats), file=out, flush=True)
 
 

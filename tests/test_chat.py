@@ -61,11 +61,11 @@ RELEASED_SYSTEM = ('Carefully watch the video and pay attention to the cause and
 
 def test_defaults_are_the_released_demo(paths, monkeypatch, capsys):
   """demo.py: one question at a time after the system text, 5 beams, repetition penalty 1.5, 300 new tokens,
-  min_length 1; the Q-Former reads the question."""
+  min_length 1, max_length 2000 (the context cut from the left); the Q-Former reads the question."""
   args = chat.parse_args(['--checkpoint', paths.checkpoint, '--video', paths.video])
   assert not args.multi_turn
   assert chat.generation_config(args) == generate.GenerationConfig(
-      max_new_tokens=300, num_beams=5, repetition_penalty=1.5, min_new_tokens=1, do_sample=False)
+      max_new_tokens=300, num_beams=5, repetition_penalty=1.5, min_new_tokens=1, do_sample=False, context_limit=2000)
   seen = []
 
   def fake_generate(self, requests, config, seed=0):
