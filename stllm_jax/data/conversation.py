@@ -20,7 +20,8 @@ Lengths follow the released code: the answer and its closing `</s>` are cut to `
 (1024 in the 7B configs) is skipped as `text_too_long`, never cut to fit. The answer's trailing whitespace is
 dropped, as the released tokenisation of `answer + '</s>'` drops it. Visual tokens are never touched here.
 
-Tokenizers load from local directories only (`AutoTokenizer.from_pretrained(dir, local_files_only=True)`).
+Tokenizers load from local directories only (`from_pretrained(dir, local_files_only=True)`); a LLaMA directory
+with a SentencePiece `tokenizer.model` loads as the released slow tokenizer (`slow_llama.py`).
 
 Inference uses the same template: chat keeps the history as `</s>###Human: q1 ###Assistant: a1</s>###Human: q2
 ###Assistant: ` (each piece tokenised as in training); generated text is cut at the separator `###`. The
@@ -42,6 +43,7 @@ from typing import Sequence
 import numpy as np
 import transformers
 
+from stllm_jax.data import slow_llama
 from stllm_jax.data.errors import DataError, SampleError
 
 EOS_TOKEN = '</s>'
@@ -137,21 +139,30 @@ def answer_text(tokenizer, generated_ids: Sequence[int], stop_strings: Sequence[
 # ----------------------------------------------------------------------------------------- tokenizers
 
 
-def _load(directory: str, what: str, field: str, **kwargs):
+def _load(directory: str, what: str, field: str, tokenizer_class=transformers.AutoTokenizer, **kwargs):
   if not directory or not os.path.isdir(directory):
     raise DataError(f'data.{field}={directory!r} is not a directory. Point it at a local Hugging Face '
                     f'{what} tokenizer directory (tokenizer.json or tokenizer.model + tokenizer_config.json); '
                     'the synthetic set writes one under DIR/tokenizers/.')
   try:
-    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    return tokenizer_class.from_pretrained(directory, local_files_only=True, **kwargs)
   except (OSError, ValueError) as e:
     raise DataError(f'data.{field}={directory!r}: cannot load a {what} tokenizer from it: {e}') from e
 
 
 @functools.cache
 def load_llm_tokenizer(directory: str):
-  """The LLaMA/Vicuna tokenizer with ST-LLM's specials: `</s>` as BOS/EOS/UNK, `[PAD]` added if absent."""
-  tok = _load(directory, 'LLaMA/Vicuna', 'llm_tokenizer')
+  """The LLaMA/Vicuna tokenizer with ST-LLM's specials: `</s>` as BOS/EOS/UNK, `[PAD]` added if absent.
+
+  A directory with a SentencePiece `tokenizer.model` (Vicuna's) loads as the released code loads it, the slow
+  tokenizer (`slow_llama.LlamaTokenizer`, ids = SentencePiece's); one with only `tokenizer.json` (the tiny
+  tokenizers of the synthetic set and the tests) as its fast tokenizer.
+  """
+  if os.path.isfile(os.path.join(directory or '', slow_llama.SENTENCEPIECE_MODEL)):
+    tok = _load(directory, 'LLaMA/Vicuna', 'llm_tokenizer', slow_llama.LlamaTokenizer, legacy=True,
+                clean_up_tokenization_spaces=False)
+  else:
+    tok = _load(directory, 'LLaMA/Vicuna', 'llm_tokenizer')
   if EOS_TOKEN not in tok.get_vocab():
     raise DataError(f'data.llm_tokenizer={directory!r} has no {EOS_TOKEN!r} token; it is not a LLaMA tokenizer')
   tok.add_special_tokens({'pad_token': PAD_TOKEN, 'bos_token': EOS_TOKEN, 'eos_token': EOS_TOKEN,
