@@ -403,13 +403,13 @@ def qa_record(item: Item, answer: str | None, error: str | None) -> dict:
 
 def describe_context_cuts(records: Sequence[dict], config: generate.GenerationConfig) -> str:
   """One line on the contexts cut to fit config.context_limit ('' when none was)."""
-  cuts = [r.get('context_cut', 0) for r in records]
-  cut = [c for c in cuts if c]
-  if not cut:
+  cut_tokens = [r['context_cut'] for r in records if r.get('context_cut')]
+  if not cut_tokens:
     return ''
-  return (f'{len(cut)} of {len(cuts)} contexts were longer than --context-limit {config.context_limit} - '
+  return (f'{len(cut_tokens)} of {len(records)} contexts were longer than --context-limit {config.context_limit} - '
           f'{config.max_new_tokens} new tokens and lost their first visual tokens, as the released scripts cut them: '
-          f'{min(cut)} to {max(cut)} tokens, {sum(cut) / len(cut):.0f} on average (context_cut in the .partial.jsonl)')
+          f'{min(cut_tokens)} to {max(cut_tokens)} tokens, {sum(cut_tokens) / len(cut_tokens):.0f} on average '
+          '(context_cut in the .partial.jsonl)')
 
 
 def run_qa(args: argparse.Namespace, out: TextIO) -> list[dict]:
@@ -440,9 +440,9 @@ def run_qa(args: argparse.Namespace, out: TextIO) -> list[dict]:
   failed = sum('error' in p for p in predictions)
   print(f'wrote {len(predictions)} predictions to {args.out}' + (f' ({failed} with unreadable media)' if failed else ''),
         file=out)
-  cuts = describe_context_cuts(records, config)
-  if cuts:
-    print(cuts, file=out)
+  cut_report = describe_context_cuts(records, config)
+  if cut_report:
+    print(cut_report, file=out)
   if stats.new_tokens:
     print(describe_run(stats), file=out)
   return predictions

@@ -23,14 +23,16 @@ dropped, as the released tokenisation of `answer + '</s>'` drops it. Visual toke
 Tokenizers load from local directories only (`from_pretrained(dir, local_files_only=True)`); a LLaMA directory
 with a SentencePiece `tokenizer.model` loads as the released slow tokenizer (`slow_llama.py`).
 
-Inference uses the same template: chat keeps the history as `</s>###Human: q1 ###Assistant: a1</s>###Human: q2
-###Assistant: ` (each piece tokenised as in training); generated text is cut at the separator `###`. The
-evaluation prompts (REFERENCE.md, "Evaluation") live here too:
+Inference uses the same template; generated text is cut at the separator `###`. Chat asks as the open QA prompt
+with the system text (the released demo), or with `--multi-turn` keeps the history as `</s>###Human: q1
+###Assistant: a1</s>###Human: q2 ###Assistant: ` (each piece tokenised as in training). The evaluation prompts
+(REFERENCE.md, "Evaluation") live here too:
 
     MVBench   [V]</s>###Human: {MVBENCH_SYSTEM}Question: {q}\nOptions:\n(A) {c0}\n(B) {c1}...\nOnly give the best
               option.\n###Assistant: Best option:(      Q-Former text: 'Question: {q}\nOptions:\n(A) {c0}...'
               prediction = '(' + the first line of the answer; `mvbench_is_correct` is the original's matching
-    open QA   [V]</s>###Human: {q} ###Assistant:          (VideoChatGPT-Bench: QA_SYSTEM before '###Human: ')
+    open QA   [V]</s>###Human: {q} ###Assistant:          (ActivityNet-QA, VideoChatGPT-Bench and chat: QA_SYSTEM
+                                                          before '###Human: ')
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def chat_turns(history: Sequence[tuple[str, str]], question: str) -> list[tuple[
 
 
 def qa_prompt(question: str, with_system: bool = False) -> str:
-  """Open-ended QA (MSVD/MSRVTT/ActivityNet-QA without system text; VideoChatGPT-Bench with it)."""
+  """Open-ended QA and chat: '{QA_SYSTEM}###Human: {q} ###Assistant: ' with or without the system text."""
   return (QA_SYSTEM if with_system else '') + human_turn('', question)
 
 
