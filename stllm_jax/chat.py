@@ -1,13 +1,18 @@
 """Chat with ST-LLM about a video, in the terminal.
 
     python -m stllm_jax.chat --checkpoint CKPT --video FILE [--prompt TEXT] [--frames auto|fps|fps:4-16|N|global_local]
-        [--max-new-tokens N] [--num-beams 1] [--sample --temperature 1.0 --top-p 0.9] [--repetition-penalty 1.0]
+        [--multi-turn] [--max-new-tokens N] [--num-beams 5] [--repetition-penalty 1.5] [--sample --temperature 1.0
+        --top-p 0.9]
 
 With `--prompt` it answers once and exits; otherwise it reads questions from standard input until an empty
-input at end of file, `exit` or `quit` (`/reset` forgets the conversation). The history stays in the
-conversation template (`</s>###Human: q1 ###Assistant: a1</s>###Human: q2 ###Assistant: `); the Q-Former reads
-the current question. Frames: one per second, 4 to 16 of them (`auto` for the usual model; a global-local
-model takes 64 segment middles). The frames used (count, timestamps) and the speed (tokens/s) are printed.
+input at end of file, `exit` or `quit`. By default every question is answered on its own, as the released demo
+does: `</s>{system text}###Human: {question} ###Assistant: ` after the visual tokens, 5 beams, repetition
+penalty 1.5, up to 300 new tokens, EOS never first, and a context longer than 2000 - 300 tokens loses its first
+visual tokens (said on screen; `--context-limit`). `--multi-turn` keeps the conversation in the training
+template instead (`</s>###Human: q1 ###Assistant: a1</s>###Human: q2 ###Assistant: `, no system text; `/reset`
+forgets it). The Q-Former reads the current question. Frames: a global-local model (the conversation model)
+takes 64 segment middles as the demo does, others one per second, 4 to 16 (`auto`). The frames used (count,
+timestamps) and the speed (tokens/s) are printed.
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from stllm_jax.data import conversation, inference, video
 from stllm_jax.data.errors import SampleError
 from stllm_jax.errors import UserError, exit_with
 
+# The released demo (demo.py, Chat.answer with the instructblip conversation): 5 beams, repetition penalty 1.5,
+# 300 new tokens, min_length 1 (EOS never first).
 DEFAULT_MAX_NEW_TOKENS = 300
+DEFAULT_NUM_BEAMS = 5
+DEFAULT_REPETITION_PENALTY = 1.5
+DEFAULT_CONTEXT_LIMIT = 2000  # its max_length: the context is cut from the left to 2000 - max_new_tokens
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,13 +44,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--video', required=True, help='video file (mp4, webm, mkv, avi, gif) or a folder of frames')
   parser.add_argument('--prompt', help='answer this one question and exit')
   parser.add_argument('--frames', default='auto', help='auto | fps | fps:LOW-HIGH | N (fixed) | global_local')
+  parser.add_argument('--multi-turn', action='store_true',
+                      help='keep the conversation (training template, no system text) instead of answering each '
+                           'question alone as the released demo does')
   parser.add_argument('--max-new-tokens', type=int, default=0,
                       help=f'answer length limit (default {DEFAULT_MAX_NEW_TOKENS}, fewer if the model\'s positions run out)')
-  parser.add_argument('--num-beams', type=int, default=1)
+  parser.add_argument('--num-beams', type=int, default=DEFAULT_NUM_BEAMS)
   parser.add_argument('--sample', action='store_true', help='sample (temperature, top-p) instead of greedy')
   parser.add_argument('--temperature', type=float, default=1.0)
   parser.add_argument('--top-p', type=float, default=0.9)
-  parser.add_argument('--repetition-penalty', type=float, default=1.0)
+  parser.add_argument('--repetition-penalty', type=float, default=DEFAULT_REPETITION_PENALTY)
+  parser.add_argument('--context-limit', type=int, default=DEFAULT_CONTEXT_LIMIT,
+                      help='visual + text + new tokens; a longer context loses its first visual tokens (said on '
+                           f'screen), as the released demo cuts it (default {DEFAULT_CONTEXT_LIMIT}; 0: never cut)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--llm-tokenizer', default='', help='override the checkpoint\'s LLM tokenizer directory')
   parser.add_argument('--qformer-tokenizer', default='', help='override the checkpoint\'s Q-Former tokenizer directory')
@@ -51,7 +67,7 @@ def generation_config(args: argparse.Namespace) -> generate.GenerationConfig:
   config = generate.GenerationConfig(
       max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, num_beams=args.num_beams, do_sample=args.sample,
       temperature=args.temperature, top_p=args.top_p if args.sample else 1.0,
-      repetition_penalty=args.repetition_penalty, min_new_tokens=1)
+      repetition_penalty=args.repetition_penalty, min_new_tokens=1, context_limit=args.context_limit)
   try:
     config.validate()
   except ValueError as e:
@@ -79,7 +95,7 @@ def load_frames(path: str, policy: inference.FramePolicy, image_size: int) -> in
 def describe_frames(path: str, loaded: inference.InferenceVideo, policy: inference.FramePolicy) -> str:
   times = ', '.join(f'{t:.1f}' for t in inference.frame_times(loaded))
   repeated = '' if loaded.num_real_frames == len(loaded.indices) else \
-      f' ({len(loaded.indices) - loaded.num_real_frames} repeated: the video is short)'
+      f' ({len(loaded.indices) - loaded.num_real_frames} repeated)'
   return (f'video {path}: {loaded.duration_s:.1f} s at {loaded.fps:.3g} fps; {len(loaded.indices)} frames '
           f'({policy.describe()}){repeated} at {times} s')
 
@@ -91,25 +107,37 @@ def describe_speed(stats: generate.GenerationStats) -> str:
 
 
 class Conversation:
-  """The history of one chat about one video."""
+  """Questions about one video: each alone with the system text (the released demo), or with the history kept
+  in the training template (`multi_turn`)."""
 
   def __init__(self, generator: generate.VideoGenerator, frames: np.ndarray, config: generate.GenerationConfig,
-               seed: int = 0, fit_length: bool = False):
+               seed: int = 0, fit_length: bool = False, multi_turn: bool = False):
     self.generator, self.frames, self.config, self.seed = generator, frames, config, seed
     self.fit_length = fit_length  # shorten max_new_tokens to the positions the model has left
-    self.history: list[tuple[str, str]] = []
+    self.multi_turn = multi_turn
+    self.history: list[tuple[str, str]] = []  # multi_turn only
+    self.questions_asked = 0  # each question samples with its own seed
 
-  def ask(self, question: str) -> tuple[str, generate.GenerationStats]:
-    prompt_ids = conversation.encode_turns(self.generator.llm_tokenizer, conversation.chat_turns(self.history, question))
+  def prompt_ids(self, question: str) -> np.ndarray:
+    """The text after the visual tokens for `question`: int32 [n], starting with `</s>`."""
+    tokenizer = self.generator.llm_tokenizer
+    if self.multi_turn:
+      return conversation.encode_turns(tokenizer, conversation.chat_turns(self.history, question))
+    return conversation.encode_prompt(tokenizer, conversation.qa_prompt(question, with_system=True))
+
+  def ask(self, question: str) -> tuple[generate.Generation, generate.GenerationStats]:
+    prompt_ids = self.prompt_ids(question)
     request = generate.Request(self.frames, question, prompt_ids)
     config = self.config
     if self.fit_length:
-      prompt_tokens = self.generator.config.num_visual_tokens(self.frames.shape[0]) + len(prompt_ids)
-      room = self.generator.max_positions - prompt_tokens
+      context = self.generator.config.num_visual_tokens(self.frames.shape[0]) + len(prompt_ids)
+      room = self.generator.max_positions - context + generate.context_cut(context, config)
       config = dataclasses.replace(config, max_new_tokens=max(1, min(config.max_new_tokens, room)))
-    (result,), stats = self.generator.generate([request], config, self.seed + len(self.history))
-    self.history.append((question, result.text))
-    return result.text, stats
+    (result,), stats = self.generator.generate([request], config, self.seed + self.questions_asked)
+    self.questions_asked += 1
+    if self.multi_turn:
+      self.history.append((question, result.text))
+    return result, stats
 
 
 def run(args: argparse.Namespace, read_line: Callable[[], str | None], out: TextIO) -> None:
@@ -124,7 +152,8 @@ def run(args: argparse.Namespace, read_line: Callable[[], str | None], out: Text
     raise UserError(str(e)) from e
   loaded = load_frames(args.video, policy, cfg.vision.image_size)
   print(describe_frames(args.video, loaded, policy), file=out, flush=True)
-  chat = Conversation(generator, loaded.frames, config, args.seed, fit_length=not args.max_new_tokens)
+  chat = Conversation(generator, loaded.frames, config, args.seed, fit_length=not args.max_new_tokens,
+                      multi_turn=args.multi_turn)
   questions = [args.prompt] if args.prompt is not None else iter(read_line, None)
   for question in questions:
     question = question.strip()
@@ -137,13 +166,16 @@ def run(args: argparse.Namespace, read_line: Callable[[], str | None], out: Text
     if not question:
       continue
     try:
-      answer, stats = chat.ask(question)
+      result, stats = chat.ask(question)
     except ValueError as e:  # the conversation outgrew the model's positions
       if args.prompt is not None:
         raise UserError(str(e)) from e
       print(f'error: {e} (type /reset to start over)', file=out, flush=True)
       continue
-    print(f'ST-LLM: {answer}', file=out)
+    if result.context_cut:
+      print(f'[the first {result.context_cut} visual tokens were cut to fit --context-limit {config.context_limit}]',
+            file=out)
+    print(f'ST-LLM: {result.text}', file=out)
     print(describe_speed(stats), file=out, flush=True)
 
 

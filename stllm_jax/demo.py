@@ -188,11 +188,12 @@ def accuracies(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def answer_questions(generator: generate.VideoGenerator, data_dir: str, facts: Sequence[Mapping[str, str]],
                      num_frames: int, batch_size: int, max_new_tokens: int, progress: tqdm) -> list[dict]:
-  """Every open question about every test video, each video seen through `num_frames` segment middles."""
+  """Every open question about every test video, each video seen through the middles of `num_frames` equal
+  segments (`even` sampling, as the demo's numbers were measured)."""
   tokenizer = generator.llm_tokenizer
   pending = []  # (record, request)
   for fact in facts:
-    loaded = inference.load_video_for_inference(os.path.join(data_dir, 'videos', fact['video']), sampling='middle',
+    loaded = inference.load_video_for_inference(os.path.join(data_dir, 'videos', fact['video']), sampling='even',
                                                 num_frames=num_frames, image_size=generator.config.vision.image_size)
     for kind, question, truth in questions(fact):
       prompt_ids = conversation.encode_turns(tokenizer, conversation.chat_turns([], question))

@@ -8,16 +8,21 @@
 MVBench reads the published layout: DIR/json/<task>.json (entries `video`, `question`, `candidates`,
 `answer`, and `start`/`end` for the tasks with bounds) and the media under DIR/video/ (files, GIFs, frame
 folders), per the task table below; a DIR/tasks.json (task -> json, prefix, data_type, bound) replaces that
-table (the synthetic set writes one). Prompt, greedy decoding (stop at `###`, 100 new tokens) and answer
-matching are the original's (data/conversation.py). Frames: one per second, 4 to 16 (`--frames 16` for the
-fixed-T column of the paper's Table 2). Predictions are appended to OUT/predictions.jsonl as batches finish;
-the same command resumes an interrupted run where it stopped. A video that cannot be read is recorded with its
-error and counted wrong (and reported).
+table (the synthetic set writes one). Prompt, greedy decoding (stop at `###`, 100 new tokens, no EOS first) and
+answer matching are the original's (data/conversation.py). Frames: one per second, 4 to 16 (`--frames 16` for the
+fixed-T column of the paper's Table 2), at the released benchmark's indices (`video.mvbench_indices`: bounds
+rounded to frames, GIFs timed at 25 fps, frame folders at 3 fps numbered from 1). Predictions are appended to
+OUT/predictions.jsonl as batches finish; the same command resumes an interrupted run where it stopped. A video
+that cannot be read is recorded with its error and counted wrong (and reported).
 
 QA writes, for the judge scripts of each benchmark, a JSON list in question order:
     msvd, msrvtt, activitynet: {"id", "question", "answer", "pred"}
-    videochatgpt:              the input entry plus "pred" (its prompt carries the system text, as the original)
-with beam search (5 beams, repetition penalty 1.5, up to 300 new tokens). Progress goes to OUT.partial.jsonl.
+    videochatgpt:              the input entry plus "pred"
+with the released scripts' settings (stllm/test/qabench/*, vcgbench/*; `QA_PROTOCOLS`): beam search (5 beams,
+repetition penalty 1.5, up to 300 new tokens, EOS never first); MSVD-QA and MSRVTT-QA at 64 frames without the
+system text, ActivityNet-QA at 16 frames and VideoChatGPT-Bench at 64 with it (`--frames` overrides). As the
+released scripts do, a context (visual + text tokens) longer than 2000 - 300 tokens loses its first visual tokens
+(`--context-limit`); the cut is recorded per question and reported. Progress goes to OUT.partial.jsonl.
 """
 
 from __future__ import annotations
@@ -39,8 +44,14 @@ from stllm_jax.errors import UserError, exit_with
 INTERRUPT_AFTER_ENV = 'STLLM_EVAL_INTERRUPT_AFTER'  # fault injection: Ctrl-C after N batches (resume tests)
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
 
-MVBENCH_GENERATION = generate.GenerationConfig(max_new_tokens=100)
-QA_GENERATION = generate.GenerationConfig(max_new_tokens=300, num_beams=5, repetition_penalty=1.5, min_new_tokens=1)
+# The released MVBench decoding: greedy, 100 new tokens, stop at '###', and min_length=1 on inputs_embeds, which in
+# its transformers 4.28 forbids EOS as the first new token.
+MVBENCH_GENERATION = generate.GenerationConfig(max_new_tokens=100, min_new_tokens=1)
+# The released QA scripts: Chat.answer(num_beams=5, max_new_tokens=300, max_length=2000), which forces repetition
+# penalty 1.5, keeps min_length=1 and cuts the context from the left to max_length - max_new_tokens.
+QA_CONTEXT_LIMIT = 2000
+QA_GENERATION = generate.GenerationConfig(max_new_tokens=300, num_beams=5, repetition_penalty=1.5, min_new_tokens=1,
+                                          context_limit=QA_CONTEXT_LIMIT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Item:
   start: float | None = None
   end: float | None = None
   record: dict = dataclasses.field(default_factory=dict)  # what the prediction line starts from
+  data_type: str = 'video'  # MVBench's media kind: video | gif | frame
 
   @property
   def video(self) -> str:
@@ -144,12 +156,26 @@ def mvbench_items(data_root: str, tasks: dict[str, TaskSpec]) -> list[Item]:
         raise UserError(f'{path} entry {index} is malformed ({type(e).__name__}: {e}); an entry holds video, '
                         'question, candidates, answer (and start, end for this task)') from e
       text = conversation.mvbench_question(question, candidates)
-      items.append(Item(f'{task}/{index}', os.path.join(data_root, spec.prefix), media, text, conversation.mvbench_prompt(question, candidates), start, end,
-                        dict(task=task, index=index, video=entry['video'], question=text, gt=truth)))
+      items.append(Item(f'{task}/{index}', os.path.join(data_root, spec.prefix), media, text,
+                        conversation.mvbench_prompt(question, candidates), start, end,
+                        dict(task=task, index=index, video=entry['video'], question=text, gt=truth), spec.data_type))
   return items
 
 
-QA_FORMATS = ('msvd', 'msrvtt', 'activitynet', 'videochatgpt')
+@dataclasses.dataclass(frozen=True)
+class QAProtocol:
+  """How the released script of one open-ended benchmark runs (script/inference/{qabench,vcgbench}/*.sh)."""
+  num_frames: int  # segment middles of the whole video (--num-frames)
+  with_system: bool  # the system text before '###Human: ' (Chat.answer's `system`)
+
+
+QA_PROTOCOLS = {
+    'msvd': QAProtocol(64, with_system=False),
+    'msrvtt': QAProtocol(64, with_system=False),
+    'activitynet': QAProtocol(16, with_system=True),
+    'videochatgpt': QAProtocol(64, with_system=True),
+}
+QA_FORMATS = tuple(QA_PROTOCOLS)
 
 
 def find_video(video_dir: str, name: str) -> str:
@@ -170,26 +196,26 @@ def qa_items(fmt: str, questions_path: str, answers_path: str, video_dir: str) -
   answers = _read_json(answers_path, 'answer file') if answers_path else None
   if fmt == 'activitynet' and (answers is None or len(answers) != len(questions)):
     raise UserError('activitynet needs --answers FILE with one entry per question (the test_a.json of ActivityNet-QA)')
+  with_system = QA_PROTOCOLS[fmt].with_system
   items = []
   for n, entry in enumerate(questions):
     try:
       if fmt == 'videochatgpt':
         question, name, record = entry['Q'], entry['video_name'], dict(entry)
-        key, with_system = f'{n}', True
       else:
         question = entry['question']
         if fmt == 'activitynet':
           name, qid, answer = 'v_' + entry['video_name'], entry['question_id'], answers[n]['answer']
         else:
-          name = entry.get('video_name', entry.get('video'))
+          name = entry.get('video_name', entry.get('video', entry.get('video_id')))  # MSRVTT-QA: video_id
           qid, answer = entry.get('question_id', entry.get('id')), entry['answer']
           if name is None or qid is None:
-            raise KeyError('video_name/video or question_id/id')
-        record, key, with_system = dict(id=qid, question=question, answer=answer), f'{n}', False
+            raise KeyError('video_name/video/video_id or question_id/id')
+        record = dict(id=qid, question=question, answer=answer)
     except (KeyError, TypeError) as e:
       raise UserError(f'{questions_path} entry {n} does not have the {fmt} fields ({e})') from e
-    items.append(Item(key, video_dir, find_video(video_dir, str(name)), question, conversation.qa_prompt(question, with_system),
-                      record=record))
+    items.append(Item(f'{n}', video_dir, find_video(video_dir, str(name)), question,
+                      conversation.qa_prompt(question, with_system), record=record))
   return items
 
 
@@ -239,8 +265,22 @@ class PredictionLog:
 # ----------------------------------------------------------------------------------------- the loop
 
 
+FrameLoader = Callable[[str, Item], inference.InferenceVideo]  # (media path inside the root, item) -> frames
+
+
+def mvbench_frames(policy: inference.FramePolicy, image_size: int) -> FrameLoader:
+  """MVBench's own frames (the released benchmark's indices, bounds, GIF and frame-folder rules)."""
+  return lambda path, item: inference.load_mvbench_video(path, item.data_type, policy, image_size, item.start,
+                                                         item.end, FRAME_FOLDER_FPS)
+
+
+def qa_frames(policy: inference.FramePolicy, image_size: int) -> FrameLoader:
+  """The released chat / QA frames of the whole video."""
+  return lambda path, item: inference.load_video_with_policy(path, policy, image_size)
+
+
 def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log: PredictionLog,
-                 policy: inference.FramePolicy, config: generate.GenerationConfig, batch_size: int,
+                 load_frames: FrameLoader, config: generate.GenerationConfig, batch_size: int,
                  finish: Callable[[Item, str | None, str | None], dict], out: TextIO) -> generate.GenerationStats:
   """Answers the items `log` does not hold yet, `batch_size` at a time, appending `finish(item, answer, error)`."""
   todo = [item for item in items if item.key not in log.done]
@@ -249,7 +289,6 @@ def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log:
           flush=True)
   interrupt_after = int(os.environ.get(INTERRUPT_AFTER_ENV, '0'))
   stats = generate.GenerationStats()
-  image_size = generator.config.vision.image_size
   progress = tqdm(total=len(items), initial=len(items) - len(todo), unit='question', file=sys.stderr,
                   dynamic_ncols=True)
   try:
@@ -258,9 +297,7 @@ def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log:
       records, requests, readable = [], [], []
       for item in batch:
         try:
-          path = annotations.media_path(item.media_root, item.media)
-          loaded = inference.load_video_with_policy(path, policy, image_size, item.start, item.end,
-                                                    FRAME_FOLDER_FPS)
+          loaded = load_frames(annotations.media_path(item.media_root, item.media), item)
         except SampleError as e:
           records.append(finish(item, None, str(e)))
           continue
@@ -276,7 +313,7 @@ def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log:
         batch_stats.new_tokens = sum(len(r.token_ids) for r in results[:len(requests)])  # not the filler rows
         stats.add(batch_stats)
         for (item, num_frames), result in zip(readable, results):
-          records.append({**finish(item, result.text, None), 'frames': num_frames})
+          records.append({**finish(item, result.text, None), 'frames': num_frames, 'context_cut': result.context_cut})
       log.append(records)
       progress.update(len(batch))
       progress.set_postfix_str(f'{stats.tokens_per_second:.1f} tokens/s', refresh=False)
@@ -340,7 +377,8 @@ def run_mvbench(args: argparse.Namespace, out: TextIO) -> dict:
       checkpoint=os.path.abspath(args.checkpoint), data_root=os.path.abspath(args.data_root), frames=policy.name,
       generation=dataclasses.asdict(MVBENCH_GENERATION)))
   print(f'frames: {policy.describe()}; predictions: {log.path}', file=out, flush=True)
-  stats = answer_items(generator, items, log, policy, MVBENCH_GENERATION, args.batch_size, mvbench_record, out)
+  stats = answer_items(generator, items, log, mvbench_frames(policy, generator.config.vision.image_size),
+                       MVBENCH_GENERATION, args.batch_size, mvbench_record, out)
   records = [log.done[item.key] for item in items]
   rows, table = accuracy_table(records, list(tasks))
   print(table, file=out)
@@ -363,26 +401,48 @@ def qa_record(item: Item, answer: str | None, error: str | None) -> dict:
   return dict(record, error=error) if error is not None else record
 
 
+def describe_context_cuts(records: Sequence[dict], config: generate.GenerationConfig) -> str:
+  """One line on the contexts cut to fit config.context_limit ('' when none was)."""
+  cut_tokens = [r['context_cut'] for r in records if r.get('context_cut')]
+  if not cut_tokens:
+    return ''
+  return (f'{len(cut_tokens)} of {len(records)} contexts were longer than --context-limit {config.context_limit} - '
+          f'{config.max_new_tokens} new tokens and lost their first visual tokens, as the released scripts cut them: '
+          f'{min(cut_tokens)} to {max(cut_tokens)} tokens, {sum(cut_tokens) / len(cut_tokens):.0f} on average '
+          '(context_cut in the .partial.jsonl)')
+
+
 def run_qa(args: argparse.Namespace, out: TextIO) -> list[dict]:
   items = qa_items(args.format, args.questions, args.answers, args.video_dir)
   if args.limit:
     items = items[:args.limit]
+  protocol = QA_PROTOCOLS[args.format]
   generator = generate.load_generator(args.checkpoint, args.llm_tokenizer, args.qformer_tokenizer)
-  policy = _frame_policy(args.frames, generator)
+  policy = _frame_policy(str(protocol.num_frames) if args.frames == 'auto' else args.frames, generator)
   config = dataclasses.replace(QA_GENERATION, max_new_tokens=args.max_new_tokens or QA_GENERATION.max_new_tokens,
-                               num_beams=args.num_beams or QA_GENERATION.num_beams)
+                               num_beams=args.num_beams or QA_GENERATION.num_beams, context_limit=args.context_limit)
+  try:
+    config.validate()
+  except ValueError as e:
+    raise UserError(str(e)) from e
   log = PredictionLog(args.out + '.partial.jsonl', dict(
       checkpoint=os.path.abspath(args.checkpoint), questions=os.path.abspath(args.questions), format=args.format,
       frames=policy.name, generation=dataclasses.asdict(config)))
-  print(f'{args.format}: {len(items)} questions; frames: {policy.describe()}; {config.num_beams} beams', file=out,
-        flush=True)
-  stats = answer_items(generator, items, log, policy, config, args.batch_size, qa_record, out)
-  predictions = [{k: v for k, v in log.done[item.key].items() if k not in ('key', 'frames')} for item in items]
+  print(f'{args.format}: {len(items)} questions; frames: {policy.describe()}; system text: '
+        f'{"yes" if protocol.with_system else "no"}; {config.num_beams} beams; context limit '
+        f'{config.context_limit or "none"}', file=out, flush=True)
+  stats = answer_items(generator, items, log, qa_frames(policy, generator.config.vision.image_size), config,
+                       args.batch_size, qa_record, out)
+  records = [log.done[item.key] for item in items]
+  predictions = [{k: v for k, v in r.items() if k not in ('key', 'frames', 'context_cut')} for r in records]
   with open(args.out, 'w', encoding='utf-8') as f:
     json.dump(predictions, f, indent=1)
   failed = sum('error' in p for p in predictions)
   print(f'wrote {len(predictions)} predictions to {args.out}' + (f' ({failed} with unreadable media)' if failed else ''),
         file=out)
+  cut_report = describe_context_cuts(records, config)
+  if cut_report:
+    print(cut_report, file=out)
   if stats.new_tokens:
     print(describe_run(stats), file=out)
   return predictions
@@ -398,7 +458,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = commands.add_parser(name)
     sub.add_argument('--checkpoint', required=True, help='weights directory or training workdir')
     sub.add_argument('--batch-size', type=int, default=4 if name == 'mvbench' else 1)
-    sub.add_argument('--frames', default='auto', help='auto | fps | fps:LOW-HIGH | N (fixed) | global_local')
+    sub.add_argument('--frames', default='auto', help='auto (MVBench: fps; QA: the benchmark\'s count) | fps | '
+                                                      'fps:LOW-HIGH | N (fixed) | global_local')
     sub.add_argument('--limit', type=int, default=0, help='only the first N questions (of each task for MVBench)')
     sub.add_argument('--llm-tokenizer', default='')
     sub.add_argument('--qformer-tokenizer', default='')
@@ -414,6 +475,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       sub.add_argument('--out', required=True, help='prediction JSON to write')
       sub.add_argument('--max-new-tokens', type=int, default=0, help='default 300')
       sub.add_argument('--num-beams', type=int, default=0, help='default 5')
+      sub.add_argument('--context-limit', type=int, default=QA_CONTEXT_LIMIT,
+                       help='visual + text + new tokens; a longer context loses its first visual tokens, counted and '
+                            f'reported, as the released scripts cut it (default {QA_CONTEXT_LIMIT}; 0: never cut)')
   args = parser.parse_args(argv)
   if args.batch_size < 1:
     parser.error('--batch-size must be >= 1')

@@ -17,10 +17,12 @@ The decode loop follows Hugging Face `generate` semantics (checked against it in
     a candidate ending in EOS (or a stop sequence, or at max_new_tokens) is scored sum(log p) / length ** length_penalty
     and kept among the `num_beams` best finished; HF's default early-stopping heuristic ends the search.
 Only generated tokens count for the repetition penalty (as in Hugging Face generate given inputs_embeds only,
-which is how the original calls it).
+which is how the original calls it). With `context_limit`, a longer context loses its first (visual) tokens before
+anything runs, as the released chat and QA scripts cut theirs; the cut is returned, never silent.
 
 API
     GenerationConfig                         decoding settings (frozen, hashable: part of the jit key)
+    context_cut(tokens, config)              how many first tokens a context loses to config.context_limit
     sample(...), beam_search(...)            the two loops `decode` dispatches to (num_beams 1 / > 1)
     SpecialIds(eos, pad, stop_sequences)     token ids the loop needs; special_ids(tokenizer, stop_strings)
     decode(llm, llm_params, embeddings, mask, rng, config, ids) -> (tokens [B, N], lengths [B])   (pure, jittable)
@@ -63,6 +65,9 @@ class GenerationConfig:
   length_penalty: float = 1.0  # beam search: score = sum(log p) / length ** length_penalty
   min_new_tokens: int = 0  # EOS is banned before this many tokens
   stop_strings: tuple[str, ...] = (conversation.SEPARATOR,)
+  # > 0: a context (visual + text tokens) longer than context_limit - max_new_tokens loses its first tokens (visual
+  # ones), as the released chat and QA scripts' max_length=2000 cuts it; `Generation.context_cut` says how many.
+  context_limit: int = 0
 
   def validate(self) -> None:
     if self.max_new_tokens < 1:
@@ -76,6 +81,17 @@ class GenerationConfig:
                        f'{self.top_k}')
     if self.repetition_penalty <= 0:
       raise ValueError(f'repetition_penalty must be > 0, got {self.repetition_penalty}')
+    if self.context_limit < 0 or 0 < self.context_limit <= self.max_new_tokens:
+      raise ValueError(f'context_limit must be 0 (no cut) or more than max_new_tokens={self.max_new_tokens}, got '
+                       f'{self.context_limit}')
+
+
+def context_cut(context_tokens: int, config: GenerationConfig) -> int:
+  """Tokens the released scripts drop from the start of a context of `context_tokens` (visual + text): those past
+  context_limit - max_new_tokens (none without a limit)."""
+  if not config.context_limit:
+    return 0
+  return max(0, context_tokens + config.max_new_tokens - config.context_limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +372,8 @@ class Request:
 class Generation:
   text: str  # the answer, cut at the stop string and stripped
   token_ids: np.ndarray  # int32 [n]: generated ids, the closing EOS / stop tokens included
-  prompt_tokens: int  # visual + text tokens before the answer
+  prompt_tokens: int  # visual + text tokens before the answer (after the cut)
+  context_cut: int = 0  # visual tokens cut from the start of the context to fit config.context_limit
 
 
 @dataclasses.dataclass
@@ -401,26 +418,36 @@ class VideoGenerator:
     self._compiled[key] = jax.jit(fn).lower(*args).compile()
     return self._compiled[key], time.perf_counter() - began
 
-  def visual_tokens(self, frames: np.ndarray, qformer_text: str, length: int) -> tuple[Array, int, float]:
-    """One video [T, S, S, 3] -> (V padded to `length` rows [1, length, D], Nv, compile seconds)."""
+  def visual_tokens(self, frames: np.ndarray, qformer_text: str, length: int, skip: int = 0
+                    ) -> tuple[Array, int, float]:
+    """One video [T, S, S, 3] -> (its visual tokens from the `skip`-th on, padded to `length` rows [1, length, D],
+    their number, compile seconds)."""
     ids, _ = conversation.encode_qformer_text(self.qformer_tokenizer, qformer_text, max(self.qformer_buckets))
     qids, qmask = conversation.pad_batch([ids], self.qformer_buckets, self.qformer_tokenizer.pad_token_id)
     batch = dict(frames=frames[None], qformer_input_ids=qids, qformer_attention_mask=qmask)
     cfg = self.config
 
-    def encode(params, batch):
+    def encode(params, batch, skip):
       tokens = stllm.STLLM(cfg).apply({'params': params}, batch, method='visual_tokens')  # [1, Nv, D]
-      return jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1]), (0, 0)))
+      tokens = jnp.pad(tokens, ((0, 0), (0, length), (0, 0)))  # [1, Nv + length, D]
+      return jax.lax.dynamic_slice_in_dim(tokens, skip, length, axis=1)
 
-    program, compile_seconds = self._program(('visual', frames.shape, qids.shape, length), encode, self.params, batch)
-    return program(self.params, batch), cfg.num_visual_tokens(frames.shape[0]), compile_seconds
+    args = (self.params, batch, np.int32(skip))
+    program, compile_seconds = self._program(('visual', frames.shape, qids.shape, length), encode, *args)
+    return program(*args), cfg.num_visual_tokens(frames.shape[0]) - skip, compile_seconds
 
   def generate(self, requests: Sequence[Request], config: GenerationConfig, seed: int = 0
                ) -> tuple[list[Generation], GenerationStats]:
     """Answers for a batch of requests (one compiled program per batch size x prefix bucket x config)."""
     config.validate()
     stats = GenerationStats()
-    num_visual = [self.config.num_visual_tokens(r.frames.shape[0]) for r in requests]
+    full_visual = [self.config.num_visual_tokens(r.frames.shape[0]) for r in requests]
+    cuts = [context_cut(nv + len(r.prompt_ids), config) for nv, r in zip(full_visual, requests)]
+    for nv, cut, request in zip(full_visual, cuts, requests):
+      if cut > nv:
+        raise ValueError(f'the text alone ({len(request.prompt_ids)} tokens) does not fit context_limit='
+                         f'{config.context_limit} with max_new_tokens={config.max_new_tokens}: ask a shorter question')
+    num_visual = [nv - cut for nv, cut in zip(full_visual, cuts)]
     prompt_lengths = [nv + len(r.prompt_ids) for nv, r in zip(num_visual, requests)]
     longest = max(prompt_lengths)
     if longest + config.max_new_tokens > self.max_positions:
@@ -430,8 +457,8 @@ class VideoGenerator:
     length = prefix_bucket(longest)
     began = time.perf_counter()
     visual = []
-    for request in requests:
-      padded, _, compile_seconds = self.visual_tokens(request.frames, request.qformer_text, length)
+    for request, cut in zip(requests, cuts):
+      padded, _, compile_seconds = self.visual_tokens(request.frames, request.qformer_text, length, cut)
       visual.append(padded)
       stats.compile_seconds += compile_seconds
     visual = jax.block_until_ready(jnp.concatenate(visual, axis=0))
@@ -460,7 +487,7 @@ class VideoGenerator:
     for row, n in enumerate(lengths):
       generated = tokens[row, :n]
       results.append(Generation(conversation.answer_text(self.llm_tokenizer, generated, config.stop_strings),
-                                generated, prompt_lengths[row]))
+                                generated, prompt_lengths[row], cuts[row]))
     return results, stats
 
 

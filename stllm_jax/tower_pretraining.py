@@ -81,7 +81,7 @@ def load_frame_set(data_dir: str, facts: Sequence[Mapping[str, Any]], image_size
   for fact in progress(facts):
     ids.append([conversation.encode_qformer_text(qformer_tokenizer, text, qformer_length)[0]
                 for text in qformer_texts(fact)])
-    clip = video.load_clip(os.path.join(data_dir, 'videos', fact['video']), len(fact['centres']), 'middle')
+    clip = video.load_clip(os.path.join(data_dir, 'videos', fact['video']), len(fact['centres']), 'even')
     if clip.num_real_frames != len(fact['centres']):
       raise ValueError(f'{fact["video"]} has {clip.num_real_frames} frames; its facts give '
                        f'{len(fact["centres"])} centres (rewrite the set)')

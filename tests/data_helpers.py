@@ -130,6 +130,28 @@ def word_level_llm_tokenizer(directory: str, words: list[str], with_pad: bool = 
   return directory
 
 
+def sentencepiece_llm_tokenizer(directory: str, corpus: list[str], vocab_size: int = 400) -> str:
+  """A Vicuna-style tokenizer directory: a SentencePiece BPE model trained here with LLaMA's settings (byte
+  fallback, split digits, a dummy prefix, whitespace kept, no normalisation; <unk> 0, <s> 1, </s> 2) and the
+  tokenizer_config.json of a Hugging Face LLaMA directory."""
+  import io  # pylint: disable=g-import-not-at-top
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type='bpe', byte_fallback=True,
+      split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name='identity',
+      allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+      minloglevel=2)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'tokenizer.model'), 'wb') as f:
+    f.write(model.getvalue())
+  write_json(os.path.join(directory, 'tokenizer_config.json'), dict(
+      tokenizer_class='LlamaTokenizer', add_bos_token=True, add_eos_token=False, bos_token='<s>', eos_token='</s>',
+      unk_token='<unk>', pad_token=None, clean_up_tokenization_spaces=False, model_max_length=2048,
+      sp_model_kwargs={}))
+  return directory
+
+
 def write_json(path: str, value) -> str:
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(value, f)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import inference_helpers
-from stllm_jax import chat
+from stllm_jax import chat, generate
 from stllm_jax.data import conversation
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -23,7 +23,8 @@ def test_one_shot_prints_frames_answer_and_speed(paths, capsys):
   chat.main(['--checkpoint', paths.checkpoint, '--video', paths.video, '--prompt', 'What shape is the moving object?',
              '--max-new-tokens', '8'])
   out = capsys.readouterr().out
-  assert '4 frames (1 per second, 4-16) at 0.1, 0.6, 1.1, 1.6 s' in out
+  # 16 frames at 8 fps = 2 s -> 4 frames (the minimum) at the released segment middles 2, 6, 9, 13
+  assert '4 frames (1 per second, 4-16) at 0.2, 0.8, 1.1, 1.6 s' in out
   assert out.count('ST-LLM: ') == 1
   assert 'tokens/s' in out
 
@@ -31,7 +32,7 @@ def test_one_shot_prints_frames_answer_and_speed(paths, capsys):
 def test_multi_turn_keeps_the_history(paths, capsys):
   questions = iter(['What shape is the moving object?', 'And its colour?', 'quit', 'never read'])
   args = chat.parse_args(['--checkpoint', paths.checkpoint, '--video', paths.video, '--max-new-tokens', '8',
-                          '--frames', '6'])
+                          '--frames', '6', '--multi-turn'])
   seen_prompts = []
   real_ask = chat.Conversation.ask
 
@@ -51,6 +52,37 @@ def test_multi_turn_keeps_the_history(paths, capsys):
   assert np.array_equal(second[:len(first)], first)  # turn 2 = turn 1 + its answer + </s> + the new question
   tok = conversation.load_llm_tokenizer(os.path.join(paths.checkpoint, 'tokenizers', 'llm'))
   assert tok.decode(second).count('###Human: ') == 2 and tok.decode(second).count('</s>') == 2
+
+
+RELEASED_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
+                   'movement of objects, and the action and pose of persons. Based on your observations, give your '
+                   'answer that best addresses the question.\n')  # stllm/conversation: CONV_instructblip_Vicuna0
+
+
+def test_defaults_are_the_released_demo(paths, monkeypatch, capsys):
+  """demo.py: one question at a time after the system text, 5 beams, repetition penalty 1.5, 300 new tokens,
+  min_length 1, max_length 2000 (the context cut from the left); the Q-Former reads the question."""
+  args = chat.parse_args(['--checkpoint', paths.checkpoint, '--video', paths.video])
+  assert not args.multi_turn
+  assert chat.generation_config(args) == generate.GenerationConfig(
+      max_new_tokens=300, num_beams=5, repetition_penalty=1.5, min_new_tokens=1, do_sample=False, context_limit=2000)
+  seen = []
+
+  def fake_generate(self, requests, config, seed=0):
+    seen.append((requests[0], config))
+    return [generate.Generation('A red circle.', np.array([5], np.int32), 0)], generate.GenerationStats()
+
+  monkeypatch.setattr(generate.VideoGenerator, 'generate', fake_generate)
+  questions = iter(['What moves?', 'Where to?', None])
+  chat.run(args, lambda: next(questions), sys.stdout)
+  assert capsys.readouterr().out.count('ST-LLM: A red circle.') == 2
+  tok = conversation.load_llm_tokenizer(os.path.join(paths.checkpoint, 'tokenizers', 'llm'))
+  ids_of = lambda text: tok(text, add_special_tokens=False)['input_ids']
+  eos = tok.convert_tokens_to_ids('</s>')
+  for (request, config), question in zip(seen, ['What moves?', 'Where to?']):  # the second without the first
+    assert request.prompt_ids.tolist() == [eos] + ids_of(f'{RELEASED_SYSTEM}###Human: {question} ###Assistant: ')
+    assert request.qformer_text == question
+    assert (config.num_beams, config.repetition_penalty, config.min_new_tokens) == (5, 1.5, 1)
 
 
 def test_encode_turns_is_the_training_layout(paths):

@@ -259,6 +259,20 @@ def test_min_new_tokens_bans_eos(converted, rng):
   assert got[0] != eos and len(got) >= 2
 
 
+@pytest.mark.parametrize('beams', [1, 3])
+def test_min_new_tokens_equals_hugging_face(hf_instructblip, converted, rng, beams):
+  """MVBench's decoding (the released min_length=1 with inputs_embeds in transformers 4.28: EOS cannot be the
+  first new token) against `generate(min_new_tokens=1)`, with the model's own first choice made the EOS."""
+  batch = text_batch(rng, converted[0], num_frames=2)
+  eos = int(ours(converted, batch, GenerationConfig(max_new_tokens=1, num_beams=beams, stop_strings=()),
+                 beam_search=beams > 1)[0][0])
+  expected = hf_composite_generate(hf_instructblip, batch, eos=eos, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                   num_beams=beams, min_new_tokens=1)
+  got = ours(converted, batch, GenerationConfig(max_new_tokens=NEW_TOKENS, num_beams=beams, min_new_tokens=1,
+                                                stop_strings=()), SpecialIds(eos=eos, pad=PAD), beam_search=beams > 1)
+  assert got == expected and got[0][0] != eos
+
+
 # ----------------------------------------------------------------------------------------- stops and text
 
 

@@ -74,6 +74,7 @@ def test_default_config_and_parsing(good_config):
                 'seed', 'num_workers', 'max_failure_share', 'image_size', 'mixing'):
     assert field in defaults
   assert defaults.image_size == 224 and defaults.qformer_buckets == (32, 64, 128, 256)
+  assert defaults.max_answer_tokens == 256 and max(defaults.text_buckets) == 1024  # the released lengths
   cfg = pipeline.parse_config(good_config)
   assert cfg.datasets[0].name == 'good' and cfg.datasets[0].num_frames == 4
   as_list = good_config.to_dict()
@@ -89,6 +90,7 @@ def test_default_config_and_parsing(good_config):
     (dict(max_failure_share=1.5), 'max_failure_share'),
     (dict(num_workers=-1), 'num_workers'),
     (dict(batch_size=0), 'batch_size'),
+    (dict(max_answer_tokens=0), 'max_answer_tokens'),
 ])
 def test_bad_config_values_are_named(good_config, change, message):
   values = good_config.to_dict()
@@ -204,12 +206,13 @@ def test_each_batch_comes_from_one_dataset_with_its_frame_count(tmp_path, tokeni
 def test_short_videos_and_long_answers_are_reported(tmp_path, tokenizer_dirs, good_videos):
   rows = [helpers.qa_row('v00.mp4', answer=' '.join(['left'] * 80)) for _ in range(4)]
   annotation = helpers.write_json(str(tmp_path / 'long.json'), rows)
-  config = make_config(tokenizer_dirs, {'long': pipeline.dataset_entry(annotation, good_videos, num_frames=24)})
+  config = make_config(tokenizer_dirs, {'long': pipeline.dataset_entry(annotation, good_videos, num_frames=24)},
+                       max_answer_tokens=40)
   iterator = pipeline.make_train_iterator(config, 0, 1)
   batch = next(iterator)
   assert np.all(batch['num_real_frames'] == 20)  # 20-frame videos, T = 24: the last frame is repeated
-  assert np.all(batch['text_truncated'] > 0) and batch['input_ids'].shape[1] == 64
-  assert np.all(batch['attention_mask'] == 1)
+  assert np.all(batch['text_truncated'] == 81 - 40) and batch['input_ids'].shape[1] == 64  # 80 x 'left' + </s>
+  assert np.all(batch['answer_mask'].sum(1) == 40)
   metrics = iterator.metrics()
   assert metrics['data/text_truncated'] == 4 and metrics['data/repeated_frames'] == 4
 
@@ -240,7 +243,8 @@ def broken_dataset(tmp_path_factory, good_videos):
       ('bad_annotation', ['v00.mp4', 'What moves?']),  # not an object
       ('empty_qa', {'video': 'v00.mp4', 'QA': []}),
       ('empty_clip', helpers.qa_row('v00.mp4', start=30.0, end=40.0)),
-      ('prompt_too_long', helpers.qa_row('v00.mp4', question=' '.join(['moves'] * 200))),
+      ('text_too_long', helpers.qa_row('v00.mp4', question=' '.join(['moves'] * 200))),
+      ('text_too_long', helpers.qa_row('v00.mp4', answer=' '.join(['left'] * 80))),  # fits 64 only if cut
   ]
   rows = media_cases + annotation_cases + [(None, helpers.qa_row(f'v{n:02d}.mp4', answer=ANSWER)) for n in range(4)]
   return root, rows

@@ -27,7 +27,7 @@ import pytest
 import data_helpers as helpers
 from stllm_jax import checkpoints, chat, evaluate, train
 from stllm_jax.convert import cli as convert_cli
-from stllm_jax.data import annotations, conversation, inference, pipeline, samples, video
+from stllm_jax.data import annotations, conversation, pipeline, samples, video
 from stllm_jax.data.errors import DataError, SampleError
 from stllm_jax.errors import UserError
 from stllm_jax.metrics import read_jsonl
@@ -122,11 +122,9 @@ def test_benchmark_entries_outside_their_video_directory_are_answered_as_errors(
   root, outside = media
   items = [evaluate.Item(f'k{n}', root, path, 'q', 'p', record={}) for n, path in enumerate(ESCAPES[:4])]
   opened = []
-  monkeypatch.setattr(inference, 'load_video_with_policy', lambda path, *a, **k: opened.append(path))
-  generator = types.SimpleNamespace(config=types.SimpleNamespace(vision=types.SimpleNamespace(image_size=56)))
   log = types.SimpleNamespace(done={}, append=lambda records: answers.extend(records), path='')
   answers = []
-  evaluate.answer_items(generator, items, log, inference.FramePolicy(), None, 2,
+  evaluate.answer_items(None, items, log, lambda path, item: opened.append(path), None, 2,
                         lambda item, answer, error: dict(key=item.key, error=error), sys.stdout)
   assert opened == [] and len(answers) == 4
   assert all('outside_media_root' in a['error'] for a in answers)

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from stllm_jax.data import inference, transforms
+from stllm_jax.data.errors import SampleError
 
 import data_helpers as helpers
 
@@ -91,12 +92,24 @@ def test_load_video_for_inference(tmp_path):
   path = helpers.write_video(str(tmp_path / 'v.mp4'), frames)
   middle = inference.load_video_for_inference(path, num_frames=8, image_size=56)
   assert middle.frames.shape == (8, 56, 56, 3) and middle.frames.dtype == np.float32
-  np.testing.assert_array_equal(middle.indices, [2, 7, 12, 17, 22, 27, 32, 37])
+  np.testing.assert_array_equal(middle.indices, [2, 7, 12, 17, 22, 26, 31, 36])  # video.segment_middles(40, 8)
   expected = transforms.eval_transform(helpers.decode_all(path)[middle.indices], 56)
   np.testing.assert_array_equal(middle.frames, expected)
   by_fps = inference.load_video_for_inference(path, sampling='fps', start=0.0, end=2.5, image_size=32)
-  # 25 frames = 2.5 s -> 4 frames (the minimum); segments [0,6) [6,12) [12,18) [18,25)
-  np.testing.assert_array_equal(by_fps.indices, [2, 8, 14, 21])
+  # 25 frames = 2.5 s -> 4 frames (the minimum); seg 24 / 4 = 6: ends 0, 6, 12, 18, 24 -> middles 3, 9, 15, 21
+  np.testing.assert_array_equal(by_fps.indices, [3, 9, 15, 21])
   assert by_fps.num_real_frames == 4
   with pytest.raises(ValueError, match='middle'):
     inference.load_video_for_inference(path, sampling='rand')
+
+
+def test_chat_and_qa_frames_of_a_short_video_are_not_padded(tmp_path):
+  path = helpers.write_video(str(tmp_path / 'short.mp4'), helpers.pattern_frames(5))
+  loaded = inference.load_video_for_inference(path, num_frames=8, image_size=32)
+  # T = min(8, 5) = 5, seg 4 / 5 = 0.8: ends 0, 1 (0.8), 2 (1.6), 2 (2.4), 3 (3.2), 4 -> middles 0, 1, 2, 2, 3
+  np.testing.assert_array_equal(loaded.indices, [0, 1, 2, 2, 3])
+  assert loaded.frames.shape == (5, 32, 32, 3) and loaded.num_real_frames == 4
+  global_local = inference.parse_frame_policy('auto', 'global_local', 16)  # needs 16 local frames
+  with pytest.raises(SampleError) as e:
+    inference.load_video_with_policy(path, global_local, 32)
+  assert e.value.reason == 'too_few_frames' and 'at least 16' in e.value.message

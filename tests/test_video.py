@@ -22,17 +22,79 @@ def test_segment_bounds_hand_computed():
 @pytest.mark.parametrize('n, t, expected', [
     (10, 4, [0, 3, 5, 8]),  # segments [0,2) [2,5) [5,7) [7,10): middles (a + b - 1) // 2
     (100, 4, [12, 37, 62, 87]),
-    (16, 16, list(range(16))),
+    (16, 16, list(range(16))),  # T = n: every frame
     (33, 1, [16]),
 ])
-def test_middle_indices_hand_computed(n, t, expected):
-  indices, num_real = video.sample_indices(n, t, 'middle')
+def test_even_indices_hand_computed(n, t, expected):
+  indices, num_real = video.sample_indices(n, t, 'even')
   np.testing.assert_array_equal(indices, expected)
   assert num_real == t
 
 
-def test_short_video_repeats_last_frame():
-  indices, num_real = video.sample_indices(3, 5, 'middle')
+@pytest.mark.parametrize('n, t, expected', [
+    # The released chat / zero-shot QA sampling (stllm/test/video_utils.py, get_seq_frames): T = min(t, n),
+    # seg = (n - 1) / T, segment i runs from round(seg * i) to round(seg * (i + 1)) (numpy rounds halves to even),
+    # and its frame is (start + end) // 2.
+    # n=10, T=4: seg 2.25; ends round(0, 2.25, 4.5, 6.75, 9) = 0, 2, 4, 7, 9 -> (0+2)//2, (2+4)//2, (4+7)//2, (7+9)//2
+    (10, 4, [1, 3, 5, 8]),
+    # n=16, T=4 (a 2 s chat video at 8 fps): seg 3.75; ends 0, 4 (3.75), 8 (7.5), 11 (11.25), 15 -> 2, 6, 9, 13
+    (16, 4, [2, 6, 9, 13]),
+    # n=40, T=8: seg 4.875; ends 0, 5, 10 (9.75), 15 (14.625), 20 (19.5 -> 20), 24 (24.375), 29 (29.25),
+    # 34 (34.125), 39 -> 2, 7, 12, 17, 22, 26, 31, 36
+    (40, 8, [2, 7, 12, 17, 22, 26, 31, 36]),
+    # n=16, T=16: seg 0.9375; ends 0, 1, 2, 3, 4 (3.75), 5, 6, 7, 8 (7.5), 8 (8.4375), 9, ..., 15: frame 8 twice and
+    # frame 15 never, as in the released code
+    (16, 16, [0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 9, 10, 11, 12, 13, 14]),
+    # fewer frames than asked: T = n = 3, seg 2/3; ends 0, 1 (0.67), 1 (1.33), 2 -> 0, 1, 1: 3 frames, not 5
+    (3, 5, [0, 1, 1]),
+    (1, 64, [0]),
+])
+def test_segment_middles_are_the_released_chat_and_qa_frames(n, t, expected):
+  np.testing.assert_array_equal(video.segment_middles(n, t), expected)
+
+
+@pytest.mark.parametrize('first, last, fps, num_frames, bounds, expected', [
+    # The released MVBench sampling (stllm/test/mvbench/mv_bench.py, MVBench_dataset.get_index):
+    # start = max(first, round(start_s * fps)), end = min(round(end_s * fps), last) (first / last without bounds),
+    # N = clip(floor(seconds), 4, 16) with seconds = end_s - start_s or last / fps (or N fixed),
+    # seg = (end - start) / N, frame k = int(start + seg / 2 + round(seg * k)); Python and numpy round halves to even.
+    # 40 frames at 10 fps, no bounds: last 39, 3.9 s -> N 4, seg 9.75;
+    # 4.875 + 0, 4.875 + 10 (9.75), 4.875 + 20 (19.5 -> 20), 4.875 + 29 (29.25) -> 4, 14, 24, 33
+    (0, 39, 10.0, None, None, [4, 14, 24, 33]),
+    # 181 frames at 30 fps: last 180, 6.0 s -> N 6, seg 30: 15 + 30k
+    (0, 180, 30.0, None, None, [15, 45, 75, 105, 135, 165]),
+    # bounds 1.0-2.5 s at 10 fps: start 10, end 25, 1.5 s -> N 4, seg 3.75;
+    # 11.875 + 0, + 4 (3.75), + 8 (7.5), + 11 (11.25) -> 11, 15, 19, 22
+    (0, 39, 10.0, None, (1.0, 2.5), [11, 15, 19, 22]),
+    # bounds 0.25-2.75 s at 10 fps: start round(2.5) = 2, end round(27.5) = 28, 2.5 s -> N 4, seg 6.5;
+    # 5.25 + 0, + 6 (6.5), + 13, + 20 (19.5) -> 5, 11, 18, 25
+    (0, 39, 10.0, None, (0.25, 2.75), [5, 11, 18, 25]),
+    # fixed N = 8 (--frames 8), 40 frames at 10 fps: seg 39 / 8 = 4.875;
+    # 2.4375 + 0, 5, 10 (9.75), 15 (14.625), 20 (19.5), 24 (24.375), 29 (29.25), 34 (34.125)
+    (0, 39, 10.0, 8, None, [2, 7, 12, 17, 22, 26, 31, 36]),
+    # a frame folder (TVQA, 3 fps, files numbered from 1): first 1, last = the number of files (40); bounds 1.0-4.5 s:
+    # start 3, end round(13.5) = 14, 3.5 s -> N 4, seg 2.75; 4.375 + 0, + 3 (2.75), + 6 (5.5), + 8 (8.25)
+    (1, 40, 3.0, None, (1.0, 4.5), [4, 7, 10, 12]),
+    # the same folder without bounds: 40 / 3 = 13.3 s -> N 13, seg 39 / 13 = 3: int(1 + 1.5 + 3k)
+    (1, 40, 3.0, None, None, [2 + 3 * k for k in range(13)]),
+    # a 16-frame GIF, read at 25 fps as the released code does: last 15, 0.6 s -> N 4, seg 3.75;
+    # 1.875 + 0, + 4, + 8 (7.5), + 11 (11.25) -> 1, 5, 9, 12
+    (0, 15, 25.0, None, None, [1, 5, 9, 12]),
+])
+def test_mvbench_indices_are_the_released_ones(first, last, fps, num_frames, bounds, expected):
+  start, end = bounds or (None, None)
+  np.testing.assert_array_equal(video.mvbench_indices(first, last, fps, num_frames, start_s=start, end_s=end),
+                                expected)
+
+
+def test_mvbench_bounds_past_the_video_are_an_empty_clip():
+  with pytest.raises(SampleError) as e:
+    video.mvbench_indices(0, 39, 10.0, None, start_s=5.0, end_s=6.0)  # start 50 > last 39
+  assert e.value.reason == 'empty_clip'
+
+
+def test_training_pads_short_videos_with_the_last_frame():
+  indices, num_real = video.sample_indices(3, 5, 'even')
   np.testing.assert_array_equal(indices, [0, 1, 2, 2, 2])
   assert num_real == 3
   indices, num_real = video.sample_indices(3, 5, 'rand', np.random.default_rng(0))
@@ -60,7 +122,7 @@ def test_fps_frame_count(seconds, expected):
 
 def test_bad_sampling_arguments():
   with pytest.raises(ValueError, match='unknown sampling mode'):
-    video.sample_indices(10, 4, 'uniform')
+    video.sample_indices(10, 4, 'middle')
   with pytest.raises(ValueError, match='needs an np.random.Generator'):
     video.sample_indices(10, 4, 'rand')
 
@@ -122,14 +184,15 @@ def test_load_clip_middle_fps_and_start_end(videos):
   path = videos[0]['mp4']
   reference = helpers.decode_all(path)
   clip = video.load_clip(path, 4, 'middle')
-  np.testing.assert_array_equal(clip.indices, [4, 14, 24, 34])
-  np.testing.assert_array_equal(clip.frames, reference[[4, 14, 24, 34]])
+  np.testing.assert_array_equal(clip.indices, [5, 15, 24, 34])  # seg 39/4 = 9.75: ends 0, 10, 20 (19.5), 29, 39
+  np.testing.assert_array_equal(clip.frames, reference[[5, 15, 24, 34]])
+  np.testing.assert_array_equal(video.load_clip(path, 4, 'even').indices, [4, 14, 24, 34])
   # 40 frames at 10 fps = 4 s -> 4 frames; [1 s, 3 s) = frames 10..29 = 2 s -> still 4 (the minimum)
-  np.testing.assert_array_equal(video.load_clip(path, None, 'fps').indices, [4, 14, 24, 34])
+  np.testing.assert_array_equal(video.load_clip(path, None, 'fps').indices, [5, 15, 24, 34])
   clip = video.load_clip(path, None, 'fps', start=1.0, end=3.0)
-  np.testing.assert_array_equal(clip.indices, [12, 17, 22, 27])
+  np.testing.assert_array_equal(clip.indices, [12, 17, 22, 26])  # 10 + (seg 19/4: ends 0, 5, 10 (9.5), 14, 19)
   assert clip.duration_s == pytest.approx(2.0)
-  np.testing.assert_array_equal(video.load_clip(path, None, 'fps', fps_range=(1, 2)).indices, [9, 29])
+  np.testing.assert_array_equal(video.load_clip(path, None, 'fps', fps_range=(1, 2)).indices, [10, 29])  # seg 19.5
   clip = video.load_clip(path, 3, 'rand', rng=np.random.default_rng(1), start=2.0)
   assert all(lo <= i < hi for i, (lo, hi) in zip(clip.indices, [(20, 26), (26, 33), (33, 40)]))
   np.testing.assert_array_equal(clip.frames, reference[clip.indices])
@@ -172,6 +235,8 @@ def test_empty_frame_folder(tmp_path):
 def test_one_frame_video_loads_when_allowed(broken):
   root, cases = broken
   clip = video.load_clip(os.path.join(root, cases['too_few_frames']), 4, 'middle', min_frames=1)
+  np.testing.assert_array_equal(clip.indices, [0])  # chat / QA sampling takes what there is, no repeats
+  clip = video.load_clip(os.path.join(root, cases['too_few_frames']), 4, 'even', min_frames=1)
   np.testing.assert_array_equal(clip.indices, [0, 0, 0, 0])
   assert clip.num_real_frames == 1
 

@@ -14,20 +14,25 @@ With an empty instruction the turn is `###Human: {question} ###Assistant: `.
 The Q-Former reads `{instruction} {question}` through the BERT tokenizer (with `[DEC]`), left-truncated to
 256 tokens (`[CLS]`/`[SEP]` kept), as LAVIS does.
 
-Text longer than the largest bucket loses tokens from the end of the answer side (counted in
-`EncodedText.truncated_tokens`); a prompt that leaves no room for one answer token is a `prompt_too_long`
-skip. Visual tokens are never touched here.
+Lengths follow the released code: the answer and its closing `</s>` are cut to `max_answer_tokens` (256, its
+`max_txt_len`) from the right, so a long answer loses its end and its `</s>` (counted in
+`EncodedText.truncated_tokens`); the prompt is never cut. A pair still longer than the largest text bucket
+(1024 in the 7B configs) is skipped as `text_too_long`, never cut to fit. The answer's trailing whitespace is
+dropped, as the released tokenisation of `answer + '</s>'` drops it. Visual tokens are never touched here.
 
-Tokenizers load from local directories only (`AutoTokenizer.from_pretrained(dir, local_files_only=True)`).
+Tokenizers load from local directories only (`from_pretrained(dir, local_files_only=True)`); a LLaMA directory
+with a SentencePiece `tokenizer.model` loads as the released slow tokenizer (`slow_llama.py`).
 
-Inference uses the same template: chat keeps the history as `</s>###Human: q1 ###Assistant: a1</s>###Human: q2
-###Assistant: ` (each piece tokenised as in training); generated text is cut at the separator `###`. The
-evaluation prompts (REFERENCE.md, "Evaluation") live here too:
+Inference uses the same template; generated text is cut at the separator `###`. Chat asks as the open QA prompt
+with the system text (the released demo), or with `--multi-turn` keeps the history as `</s>###Human: q1
+###Assistant: a1</s>###Human: q2 ###Assistant: ` (each piece tokenised as in training). The evaluation prompts
+(REFERENCE.md, "Evaluation") live here too:
 
     MVBench   [V]</s>###Human: {MVBENCH_SYSTEM}Question: {q}\nOptions:\n(A) {c0}\n(B) {c1}...\nOnly give the best
               option.\n###Assistant: Best option:(      Q-Former text: 'Question: {q}\nOptions:\n(A) {c0}...'
               prediction = '(' + the first line of the answer; `mvbench_is_correct` is the original's matching
-    open QA   [V]</s>###Human: {q} ###Assistant:          (VideoChatGPT-Bench: QA_SYSTEM before '###Human: ')
+    open QA   [V]</s>###Human: {q} ###Assistant:          (ActivityNet-QA, VideoChatGPT-Bench and chat: QA_SYSTEM
+                                                          before '###Human: ')
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Sequence
 import numpy as np
 import transformers
 
+from stllm_jax.data import slow_llama
 from stllm_jax.data.errors import DataError, SampleError
 
 EOS_TOKEN = '</s>'
@@ -49,6 +55,7 @@ HUMAN = '###Human: '
 ASSISTANT = '###Assistant: '
 SEPARATOR = '###'  # generation stops at it
 QFORMER_MAX_LENGTH = 256
+MAX_ANSWER_TOKENS = 256  # the released max_txt_len: the answer and its closing </s> are cut to this many tokens
 
 MVBENCH_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
                   'movement of objects, and the action and pose of persons. Based on your observations, select the '
@@ -83,7 +90,7 @@ def chat_turns(history: Sequence[tuple[str, str]], question: str) -> list[tuple[
 
 
 def qa_prompt(question: str, with_system: bool = False) -> str:
-  """Open-ended QA (MSVD/MSRVTT/ActivityNet-QA without system text; VideoChatGPT-Bench with it)."""
+  """Open-ended QA and chat: '{QA_SYSTEM}###Human: {q} ###Assistant: ' with or without the system text."""
   return (QA_SYSTEM if with_system else '') + human_turn('', question)
 
 
@@ -134,21 +141,30 @@ def answer_text(tokenizer, generated_ids: Sequence[int], stop_strings: Sequence[
 # ----------------------------------------------------------------------------------------- tokenizers
 
 
-def _load(directory: str, what: str, field: str, **kwargs):
+def _load(directory: str, what: str, field: str, tokenizer_class=transformers.AutoTokenizer, **kwargs):
   if not directory or not os.path.isdir(directory):
     raise DataError(f'data.{field}={directory!r} is not a directory. Point it at a local Hugging Face '
                     f'{what} tokenizer directory (tokenizer.json or tokenizer.model + tokenizer_config.json); '
                     'the synthetic set writes one under DIR/tokenizers/.')
   try:
-    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    return tokenizer_class.from_pretrained(directory, local_files_only=True, **kwargs)
   except (OSError, ValueError) as e:
     raise DataError(f'data.{field}={directory!r}: cannot load a {what} tokenizer from it: {e}') from e
 
 
 @functools.cache
 def load_llm_tokenizer(directory: str):
-  """The LLaMA/Vicuna tokenizer with ST-LLM's specials: `</s>` as BOS/EOS/UNK, `[PAD]` added if absent."""
-  tok = _load(directory, 'LLaMA/Vicuna', 'llm_tokenizer')
+  """The LLaMA/Vicuna tokenizer with ST-LLM's specials: `</s>` as BOS/EOS/UNK, `[PAD]` added if absent.
+
+  A directory with a SentencePiece `tokenizer.model` (Vicuna's) loads as the released code loads it, the slow
+  tokenizer (`slow_llama.LlamaTokenizer`, ids = SentencePiece's); one with only `tokenizer.json` (the tiny
+  tokenizers of the synthetic set and the tests) as its fast tokenizer.
+  """
+  if os.path.isfile(os.path.join(directory or '', slow_llama.SENTENCEPIECE_MODEL)):
+    tok = _load(directory, 'LLaMA/Vicuna', 'llm_tokenizer', slow_llama.LlamaTokenizer, legacy=True,
+                clean_up_tokenization_spaces=False)
+  else:
+    tok = _load(directory, 'LLaMA/Vicuna', 'llm_tokenizer')
   if EOS_TOKEN not in tok.get_vocab():
     raise DataError(f'data.llm_tokenizer={directory!r} has no {EOS_TOKEN!r} token; it is not a LLaMA tokenizer')
   tok.add_special_tokens({'pad_token': PAD_TOKEN, 'bos_token': EOS_TOKEN, 'eos_token': EOS_TOKEN,
@@ -176,7 +192,7 @@ def load_qformer_tokenizer(directory: str):
 class EncodedText:
   input_ids: np.ndarray  # int32 [n]: </s> prompt answer </s>
   answer_mask: np.ndarray  # int32 [n]: 1 on answer tokens and the closing </s>
-  truncated_tokens: int  # answer-side tokens dropped to fit max_length
+  truncated_tokens: int  # answer tokens (its closing </s> included) cut to max_answer_tokens
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -199,17 +215,23 @@ def encode_turns(tokenizer, turns: Sequence[tuple[str, str]]) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-def encode_training_text(tokenizer, instruction: str, question: str, answer: str,
-                         max_length: int) -> EncodedText:
-  """Token ids and answer mask of one QA pair, at most `max_length` tokens (answer side cut first)."""
+def encode_training_text(tokenizer, instruction: str, question: str, answer: str, max_length: int,
+                         max_answer_tokens: int = MAX_ANSWER_TOKENS) -> EncodedText:
+  """Token ids and answer mask of one QA pair: the answer + `</s>` cut to `max_answer_tokens` from the right,
+  the prompt whole; raises SampleError('text_too_long') if the two exceed `max_length` (the largest bucket).
+
+  The released code tokenises `answer + '</s>'` in one call, and its tokenizer strips the text next to a special
+  token given as a plain string, so trailing whitespace of the answer never becomes a token.
+  """
   eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
   prompt = encode_prompt(tokenizer, human_turn(instruction, question))
-  target = np.asarray(_ids(tokenizer, answer) + [eos], np.int32)
-  room = max_length - len(prompt)
-  if room < 1:
-    raise SampleError('prompt_too_long', f'the prompt has {len(prompt)} tokens; the largest text bucket is '
-                      f'{max_length} (raise data.text_buckets)')
-  kept = target[:room]
+  target = np.asarray(_ids(tokenizer, answer.rstrip()) + [eos], np.int32)
+  kept = target[:max_answer_tokens]
+  length = len(prompt) + len(kept)
+  if length > max_length:
+    raise SampleError('text_too_long', f'the prompt ({len(prompt)} tokens) and the answer ({len(kept)} tokens, cut '
+                      f'to data.max_answer_tokens={max_answer_tokens}) make {length} tokens; the largest text bucket '
+                      f'is {max_length} (data.text_buckets)')
   input_ids = np.concatenate([prompt, kept])
   answer_mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(kept), np.int32)])
   return EncodedText(input_ids, answer_mask, len(target) - len(kept))

@@ -22,7 +22,8 @@ REASONS = {
     'empty_clip': 'no frame lies between the annotation start and end seconds',
     'bad_annotation': 'the annotation row lacks a key or has a value of the wrong type',
     'empty_qa': 'the annotation row has an empty QA list',
-    'prompt_too_long': 'the prompt alone is longer than the largest text bucket, so no answer token fits',
+    'text_too_long': 'the prompt and the answer (cut to data.max_answer_tokens) are longer than the largest text '
+                     'bucket (data.text_buckets); the prompt is never cut',
 }
 
 

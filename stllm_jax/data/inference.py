@@ -1,11 +1,12 @@
 """One video -> model-ready frames for chat and evaluation (MVBench, zero-shot QA).
 
-    path (+ start/end seconds) --load_clip(middle | fps)--> uint8 [T, H, W, 3]
+    path (+ start/end seconds) --load_clip(middle | fps) or mvbench_indices--> uint8 [T, H, W, 3]
       --eval_transform (shorter side to S, bicubic, centre crop, CLIP mean/std)--> float32 [T, S, S, 3]
 
-`middle` takes T = num_frames segment middles; `fps` takes one frame per second of the clip, T clipped to
-`fps_range` (MVBench: [4, 16]). Unusable input raises `SampleError` (reason + message); callers that want
-to go on past a broken file catch it.
+Chat and zero-shot QA take the released `get_seq_frames` frames (`video.segment_middles`): `middle` takes
+num_frames of them, `fps` one per second of the clip, T clipped to `fps_range`; a video with fewer frames gives
+fewer, never repeats. MVBench takes the released benchmark's own frames (`load_mvbench_video`). Unusable
+input raises `SampleError` (reason + message); callers that want to go on past a broken file catch it.
 
 `FramePolicy` names the choice for chat and evaluation (`parse_frame_policy`: auto | fps | fps:LOW-HIGH | N |
 global_local), so the paper's fixed-T vs fps-1 comparison (supplement Table 2) is one flag.
@@ -19,12 +20,15 @@ import numpy as np
 
 from stllm_jax.data import transforms, video
 
+INFERENCE_SAMPLING = ('middle', 'fps', 'even')
+MVBENCH_GIF_FPS = 25.0  # the released MVBench reader times every GIF at 25 fps
+
 
 @dataclasses.dataclass(frozen=True)
 class InferenceVideo:
   frames: np.ndarray  # float32 [T, S, S, 3], CLIP-normalised, channels-last
   indices: np.ndarray  # int64 [T]: frame indices in the video
-  num_real_frames: int  # distinct frames (< T when the video is shorter than T frames)
+  num_real_frames: int  # distinct frames among the T
   fps: float
   duration_s: float  # of the sampled clip
 
@@ -32,12 +36,13 @@ class InferenceVideo:
 def load_video_for_inference(path: str, *, sampling: str = 'middle', num_frames: int = 16,
                              start: float | None = None, end: float | None = None, image_size: int = 224,
                              fps_range: tuple[int, int] = video.DEFAULT_FPS_RANGE, folder_fps: float = 3.0,
-                             max_pixels: int = 3840 * 2160, threads: int = 2) -> InferenceVideo:
-  """Frames of `path` (video file, GIF or frame folder) for the model, with the evaluation transform."""
-  if sampling not in ('middle', 'fps'):
-    raise ValueError(f'inference sampling must be "middle" or "fps", got {sampling!r}')
+                             min_frames: int = 1, max_pixels: int = 3840 * 2160, threads: int = 2) -> InferenceVideo:
+  """Frames of `path` (video file, GIF or frame folder) for the model, with the evaluation transform.
+  `sampling`: middle | fps (chat and QA) | even (the demo); see video.py."""
+  if sampling not in INFERENCE_SAMPLING:
+    raise ValueError(f'inference sampling must be one of {INFERENCE_SAMPLING}, got {sampling!r}')
   clip = video.load_clip(path, num_frames, sampling, start=start, end=end, fps_range=fps_range,
-                         folder_fps=folder_fps, min_frames=1, max_pixels=max_pixels, threads=threads)
+                         folder_fps=folder_fps, min_frames=min_frames, max_pixels=max_pixels, threads=threads)
   return InferenceVideo(transforms.eval_transform(clip.frames, image_size), clip.indices, clip.num_real_frames,
                         clip.fps, clip.duration_s)
 
@@ -47,11 +52,13 @@ def load_video_for_inference(path: str, *, sampling: str = 'middle', num_frames:
 
 @dataclasses.dataclass(frozen=True)
 class FramePolicy:
-  """How many frames inference takes, and where: `fps` = one per second, clipped to `fps_range`;
-  `middle` = `num_frames` segment middles (fixed T; global-local models take 64 this way)."""
+  """How many frames inference takes: `fps` = one per second, clipped to `fps_range`; `middle` = `num_frames`
+  (fixed T; global-local models take 64). Where they lie is the benchmark's: chat and QA `segment_middles`,
+  MVBench `mvbench_indices`."""
   sampling: str = 'fps'
   num_frames: int = 16  # `middle` only
   fps_range: tuple[int, int] = video.DEFAULT_FPS_RANGE
+  min_frames: int = 1  # a video with fewer frames is too_few_frames (global-local models need their local frames)
 
   def describe(self) -> str:
     if self.sampling == 'fps':
@@ -92,13 +99,38 @@ def parse_frame_policy(spec: str, video_input: str = 'all', num_local_frames: in
     if fewest < num_local_frames:
       raise ValueError(f'frames {spec!r}: this global-local model needs at least num_local_frames={num_local_frames} '
                        'frames; use a fixed count such as 64 (or auto)')
+    policy = dataclasses.replace(policy, min_frames=num_local_frames)
   return policy
 
 
-def load_video_with_policy(path: str, policy: FramePolicy, image_size: int, start: float | None = None,
-                           end: float | None = None, folder_fps: float = 3.0) -> InferenceVideo:
-  return load_video_for_inference(path, sampling=policy.sampling, num_frames=policy.num_frames, start=start, end=end,
-                                  image_size=image_size, fps_range=policy.fps_range, folder_fps=folder_fps)
+def load_video_with_policy(path: str, policy: FramePolicy, image_size: int) -> InferenceVideo:
+  """Chat and zero-shot QA frames of a whole video."""
+  return load_video_for_inference(path, sampling=policy.sampling, num_frames=policy.num_frames, image_size=image_size,
+                                  fps_range=policy.fps_range, min_frames=policy.min_frames)
+
+
+def load_mvbench_video(path: str, data_type: str, policy: FramePolicy, image_size: int, start: float | None = None,
+                       end: float | None = None, folder_fps: float = 3.0, threads: int = 2) -> InferenceVideo:
+  """One MVBench video's frames as the released benchmark picks them (`video.mvbench_indices`): the policy's
+  fixed count (`middle`) or one per second (`fps`), inside [start, end] seconds when the task has bounds.
+
+  As the released readers: a frame folder ('frame' tasks, TVQA) runs at `folder_fps` with its files numbered
+  from 1 and its last number the file count; a 'gif' task's file is timed at 25 fps whatever its own timing;
+  a video at its average frame rate.
+  """
+  media = video.probe(path, folder_fps=folder_fps, threads=threads)
+  if media.kind == 'folder':
+    first, last, fps = 1, media.num_frames, folder_fps
+  elif data_type == 'gif':
+    first, last, fps = 0, media.num_frames - 1, MVBENCH_GIF_FPS
+  else:
+    first, last, fps = 0, media.num_frames - 1, media.fps
+  fixed = policy.num_frames if policy.sampling == 'middle' else None
+  indices = video.mvbench_indices(first, last, fps, fixed, policy.fps_range, start_s=start, end_s=end) - first
+  bounded = start is not None and end is not None
+  frames = video.read_frames(media, indices, threads)
+  return InferenceVideo(transforms.eval_transform(frames, image_size), indices, len(np.unique(indices)), fps,
+                        end - start if bounded else media.num_frames / fps)
 
 
 def frame_times(loaded: InferenceVideo) -> np.ndarray:

@@ -17,7 +17,7 @@ Batch (all numpy; shapes fixed per (T, text bucket L, Q-Former bucket Lq); every
                                                      lists its names in sorted order)
     qa_index                int32   [B]              which QA pair of the row
     epoch                   int32   [B]              the dataset epoch the row was drawn in
-    text_truncated          int32   [B]              answer-side tokens cut to fit the largest text bucket
+    text_truncated          int32   [B]              answer tokens cut to data.max_answer_tokens (from the right)
 The train step computes the shifted next-token loss from input_ids and answer_mask.
 
 API
@@ -85,6 +85,9 @@ class DataConfig:
   image_size: int = 224  # train.py sets it to model.vision.image_size
   crop_scale: tuple = transforms.DEFAULT_SCALE  # RandomResizedCrop area range
   text_buckets: tuple = (64, 128, 256, 512, 1024)  # LLM text lengths (after the visual tokens)
+  # The answer and its closing </s> are cut to this many tokens from the right (the released max_txt_len); the
+  # prompt never is. A sample still longer than the largest text bucket is skipped as text_too_long.
+  max_answer_tokens: int = conversation.MAX_ANSWER_TOKENS
   qformer_buckets: tuple = (32, 64, 128, 256)  # Q-Former text lengths
   qformer_max_length: int = conversation.QFORMER_MAX_LENGTH  # left truncation of the Q-Former text
   batch_size: int = 128  # per host; train.py sets it to train.batch_size / number of hosts
@@ -125,7 +128,8 @@ class DataConfig:
       raise DataError(f'data.mixing={self.mixing!r}; choose one of {schedule.MIXING}')
     positive = dict(batch_size=self.batch_size, image_size=self.image_size, worker_buffer_size=self.worker_buffer_size,
                     max_attempts_per_sample=self.max_attempts_per_sample, decode_threads=self.decode_threads,
-                    min_video_frames=self.min_video_frames, max_frame_pixels=self.max_frame_pixels)
+                    min_video_frames=self.min_video_frames, max_frame_pixels=self.max_frame_pixels,
+                    max_answer_tokens=self.max_answer_tokens)
     for name, value in positive.items():
       if value < 1:
         raise DataError(f'data.{name} must be >= 1, got {value}')
@@ -207,7 +211,8 @@ def parse_config(config: Any) -> DataConfig:
 
 def _sample_options(cfg: DataConfig) -> SampleOptions:
   return SampleOptions(llm_tokenizer=cfg.llm_tokenizer, qformer_tokenizer=cfg.qformer_tokenizer,
-                       max_text_length=max(cfg.text_buckets), qformer_max_length=cfg.qformer_max_length,
+                       max_text_length=max(cfg.text_buckets), max_answer_tokens=cfg.max_answer_tokens,
+                       qformer_max_length=cfg.qformer_max_length,
                        image_size=cfg.image_size, crop_scale=cfg.crop_scale, min_video_frames=cfg.min_video_frames,
                        max_frame_pixels=cfg.max_frame_pixels, decode_threads=cfg.decode_threads,
                        allowed_media_dirs=tuple(cfg.allowed_media_dirs))

@@ -23,6 +23,7 @@ class SampleOptions:
   llm_tokenizer: str
   qformer_tokenizer: str
   max_text_length: int  # the largest text bucket
+  max_answer_tokens: int = conversation.MAX_ANSWER_TOKENS  # the answer + </s> are cut to this many tokens
   qformer_max_length: int = conversation.QFORMER_MAX_LENGTH
   image_size: int = 224
   crop_scale: tuple[float, float] = transforms.DEFAULT_SCALE
@@ -42,7 +43,7 @@ def load_training_sample(raw: Any, media_root: str, num_frames: int, folder_fps:
   qa = row.qa[qa_index]
   llm_tok = conversation.load_llm_tokenizer(options.llm_tokenizer)
   text = conversation.encode_training_text(llm_tok, qa.instruction, qa.question, qa.answer,
-                                           options.max_text_length)
+                                           options.max_text_length, options.max_answer_tokens)
   qformer_ids, qformer_dropped = conversation.encode_qformer_text(
       conversation.load_qformer_tokenizer(options.qformer_tokenizer),
       conversation.qformer_text(qa.instruction, qa.question), options.qformer_max_length)

@@ -3,7 +3,7 @@
     media path (mp4/webm/mkv/avi/gif file, or a folder of frame images)
       --probe--> Media (presentation time of every frame, keyframes, size)
       --clip_range(start, end)--> the frames inside the annotation's [start, end) seconds
-      --sample_indices(mode, T)--> frame indices [T] (short videos repeat their last frame)
+      --frame indices (a sampling mode, or mvbench_indices)--> [T]
       --read_frames--> uint8 [T, H, W, 3] (RGB)
 
 Frame `i` of a video is the i-th frame in presentation order, exactly as a sequential decode returns it.
@@ -11,13 +11,16 @@ Probing demuxes packets only (no decoding) to learn every frame's timestamp and 
 seeks to the keyframe before each wanted frame and decodes forward, so a 60 s video costs a few GOPs, not
 1,800 frames. Containers whose packets carry no timestamps fall back to one sequential decode.
 
-Sampling modes (all over the frames of the clip):
-  rand    one uniformly random frame in each of T equal segments (training)
-  middle  the middle frame of each of T equal segments (evaluation)
-  fps     one frame per second of clip: T = floor(duration), clipped to [min, max] (default [4, 16]),
-          then the middle of each of T equal segments (MVBench)
-Segments are [floor(k*n/T), floor((k+1)*n/T)) for k < T. With fewer frames than T, every frame is used once
-and the last one is repeated; `Clip.num_real_frames` says how many were distinct.
+Sampling modes of `load_clip` (all over the n frames of the clip):
+  rand    one uniformly random frame in each of T equal segments [floor(k*n/T), floor((k+1)*n/T)) (training);
+          with fewer frames than T, every frame once and the last one repeated to reach T
+  even    the middle frame of each of those segments, padded the same way: T = n gives every frame, and a
+          time-reversed video gives the frames reversed (the demo and its tower pretraining)
+  middle  the released chat and zero-shot QA sampling (`segment_middles`): T = min(T, n) segments of
+          (n - 1) / T frames with rounded ends, the middle of each; short videos give fewer frames, no repeats
+  fps     one frame per second of clip: T = floor(duration) clipped to [min, max] (default [4, 16]), then `middle`
+MVBench has its own released formula, `mvbench_indices`, with start/end rounded to frames, GIFs at 25 fps and
+frame folders numbered from 1 (`inference.load_mvbench_video` uses it).
 
 Every failure a user's data can cause is raised as `SampleError` with a reason code (see errors.py).
 """
@@ -35,7 +38,8 @@ import numpy as np
 
 from stllm_jax.data.errors import SampleError
 
-SAMPLING_MODES = ('rand', 'middle', 'fps')
+SAMPLING_MODES = ('rand', 'even', 'middle', 'fps')
+PADDED_MODES = ('rand', 'even')  # fixed T, short videos repeat their last frame
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 DEFAULT_FPS_RANGE = (4, 16)
 TRUNCATION_TOLERANCE = 0.95  # fewer demuxed frames than this share of the declared count: truncated
@@ -57,11 +61,10 @@ def fps_frame_count(duration_s: float, fps_range: tuple[int, int] = DEFAULT_FPS_
 
 def sample_indices(num_available: int, num_frames: int, mode: str,
                    rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
-  """Frame indices in [0, num_available) for `rand` or `middle` sampling.
+  """Frame indices in [0, num_available) for `rand` or `even` sampling.
 
   Returns (indices int64 [num_frames], num_real_frames). With fewer frames than `num_frames`, every frame
   is taken once and the last index repeats; num_real_frames = min(num_frames, num_available).
-  (`fps` mode is `middle` with num_frames = fps_frame_count(duration).)
   """
   if num_available < 1:
     raise ValueError(f'cannot sample from {num_available} frames')
@@ -74,13 +77,46 @@ def sample_indices(num_available: int, num_frames: int, mode: str,
     if rng is None:
       raise ValueError('rand sampling needs an np.random.Generator')
     picked = starts + (rng.random(num_real) * (stops - starts)).astype(np.int64)
-  elif mode in ('middle', 'fps'):
+  elif mode == 'even':
     picked = (starts + stops - 1) // 2
   else:
-    raise ValueError(f'unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}')
+    raise ValueError(f'unknown sampling mode {mode!r} for a fixed frame count; choose one of {PADDED_MODES}')
   indices = np.full(num_frames, picked[-1], np.int64)
   indices[:num_real] = picked
   return indices, num_real
+
+
+def segment_middles(num_available: int, num_frames: int) -> np.ndarray:
+  """The released chat and zero-shot QA frames (its `get_seq_frames`): T = min(num_frames, num_available)
+  segments of (n - 1) / T frames; segment i runs from round(seg * i) to round(seg * (i + 1)) (halves to even,
+  as numpy rounds) and gives (start + end) // 2. int64 [T], in [0, n - 1]; rounding can repeat a frame."""
+  if num_available < 1 or num_frames < 1:
+    raise ValueError(f'cannot take {num_frames} frames from {num_available}')
+  count = min(num_frames, num_available)
+  ends = np.round((num_available - 1) / count * np.arange(count + 1)).astype(np.int64)
+  return (ends[:-1] + ends[1:]) // 2
+
+
+def mvbench_indices(first: int, last: int, fps: float, num_frames: int | None,
+                    fps_range: tuple[int, int] = DEFAULT_FPS_RANGE, *, start_s: float | None = None,
+                    end_s: float | None = None) -> np.ndarray:
+  """The released MVBench frames (its `MVBench_dataset.get_index`), as frame numbers from `first` to `last`.
+
+  `first`/`last` number the video's first and last frames (0 and n - 1 for videos and GIFs; 1 and n for
+  frame folders, whose files are numbered from 1). With bounds, start = max(first, round(start_s * fps)) and
+  end = min(round(end_s * fps), last), else first and last. T = num_frames, or (None) one per second:
+  floor(end_s - start_s, or last / fps) clipped to `fps_range`. seg = (end - start) / T and frame k is
+  int(start + seg / 2 + round(seg * k)), halves rounded to even as Python and numpy do. int64 [T].
+  """
+  bounded = start_s is not None and end_s is not None
+  start = max(first, round(start_s * fps)) if bounded else first
+  end = min(round(end_s * fps), last) if bounded else last
+  if end < start:
+    raise SampleError('empty_clip', f'[{start_s}, {end_s}) s is frames {start}..{end} at {fps:g} fps; the video '
+                      f'ends at frame {last}')
+  count = num_frames or fps_frame_count(end_s - start_s if bounded else last / fps, fps_range)
+  seg = (end - start) / count
+  return (start + seg / 2 + np.round(seg * np.arange(count))).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------- probing
@@ -335,18 +371,30 @@ def read_frames(media: Media, indices: Sequence[int], threads: int = 1) -> np.nd
 class Clip:
   frames: np.ndarray  # uint8 [T, H, W, 3]
   indices: np.ndarray  # int64 [T]: frame indices in the whole video
-  num_real_frames: int  # distinct frames before the last one was repeated to reach T
+  num_real_frames: int  # distinct frames among the T
   fps: float
   duration_s: float  # of the clip that was sampled
+
+
+def clip_indices(num_available: int, num_frames: int | None, mode: str, rng: np.random.Generator | None,
+                 duration_s: float, fps_range: tuple[int, int]) -> np.ndarray:
+  """Indices in [0, num_available) of one sampling mode (see the module docstring)."""
+  if mode == 'fps':
+    return segment_middles(num_available, fps_frame_count(duration_s, fps_range))
+  if num_frames is None:
+    raise ValueError(f'sampling mode {mode!r} needs num_frames')
+  if mode == 'middle':
+    return segment_middles(num_available, num_frames)
+  return sample_indices(num_available, num_frames, mode, rng)[0]
 
 
 def load_clip(path: str, num_frames: int | None, mode: str, *, rng: np.random.Generator | None = None,
               start: float | None = None, end: float | None = None,
               fps_range: tuple[int, int] = DEFAULT_FPS_RANGE, folder_fps: float = 3.0,
               min_frames: int = 1, max_pixels: int = 3840 * 2160, threads: int = 1) -> Clip:
-  """Probe, pick T frames of [start, end) with `mode`, and decode them.
+  """Probe, pick the frames of [start, end) with `mode`, and decode them.
 
-  `num_frames` is T for `rand`/`middle` and ignored for `fps`. Raises SampleError for unusable input.
+  `num_frames` is T for `rand`/`even`/`middle` and ignored for `fps`. Raises SampleError for unusable input.
   """
   if mode not in SAMPLING_MODES:
     raise ValueError(f'unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}')
@@ -356,10 +404,5 @@ def load_clip(path: str, num_frames: int | None, mode: str, *, rng: np.random.Ge
   first, stop = clip_range(media.times, start, end)
   available = stop - first
   duration = available / media.fps
-  if mode == 'fps':
-    num_frames = fps_frame_count(duration, fps_range)
-  elif num_frames is None:
-    raise ValueError(f'sampling mode {mode!r} needs num_frames')
-  indices, num_real = sample_indices(available, num_frames, mode, rng)
-  indices = indices + first
-  return Clip(read_frames(media, indices, threads), indices, num_real, media.fps, duration)
+  indices = clip_indices(available, num_frames, mode, rng, duration, fps_range) + first
+  return Clip(read_frames(media, indices, threads), indices, len(np.unique(indices)), media.fps, duration)
