@@ -518,9 +518,12 @@ def stllm_rules(inv_freq: Callable[[np.ndarray], str] | None, num_local_frames: 
   ]
 
 
-def is_bt_adapter(name: str) -> bool:
-  """A tensor of the BT-Adapter (`visual_encoder.BTAdapter_*`) that ST-LLM's QA checkpoint carries."""
-  return '.BTAdapter_' in name or name.startswith('BTAdapter_')
+def bt_adapter_depth(names: Iterable[str], prefix: str) -> int:
+  """The BT-Adapter's number of layer pairs: how many temporal layers `BTAdapter_T.k` there are among the
+  source `names` (after `prefix`); 0 without an adapter. A gap in k or a spatial layer too many is left to the
+  strict load, which names the tensors."""
+  temporal = re.compile(re.escape(prefix) + r'BTAdapter_T\.(\d+)\..+')
+  return len({m.group(1) for name in names if (m := temporal.fullmatch(name))})
 
 
 # -------------------------------------------------------------------------- writing a layout back out
