@@ -23,7 +23,7 @@ import transformers
 import convert_layouts as layouts
 from conftest import randomize_
 from stllm_jax import checkpoints, configlib, sharding
-from stllm_jax.convert import cli, export, sources, verify
+from stllm_jax.convert import cli, export, reference, sources, verify
 from stllm_jax.data import conversation
 from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
@@ -277,6 +277,39 @@ def test_stllm_qa_checkpoint_converts_with_its_bt_adapter(world, qa_converted):
   np.testing.assert_array_equal(params['bt_adapter/spatial_0/attn/v_bias'].reshape(-1),
                                 adapter('BTAdapter_S.0.attn.v_bias'))
   np.testing.assert_array_equal(params['bt_adapter/frame_position'], adapter('BTAdapter_position.weight'))
+
+
+def test_stllm_qa_checkpoint_verifies_and_its_features_are_the_reference_towers(world, qa_converted, report,
+                                                                                 parity):
+  _, out = qa_converted
+  verified(report, 'stllm QA with BT-Adapter (float32, 4 frames)', out, verify.SourceSpec.resolve(out),
+           num_frames=4)
+  loaded = checkpoints.load_model(out)
+  cfg = stllm.model_config(loaded.model_config)
+  frames = np.random.default_rng(3).standard_normal((2, 4, 56, 56, 3)).astype(np.float32)
+  ours = np.asarray(stllm.STLLM(cfg).apply({'params': loaded.params}, frames, method='vision_tokens'))
+  source = layouts.stllm_state(world.model, world.cfg, mvm_head=True, **QA_ADAPTER)
+  tower = reference.bt_adapter_tower(cfg.vision, {name[len(QA_VIT):]: tensor.float() for name, tensor in
+                                                  source.items() if name.startswith(QA_VIT)})
+  with torch.no_grad():
+    theirs = tower(torch.tensor(frames.transpose(0, 1, 4, 2, 3)))  # [B*T, 1+P, W]
+  assert parity('convert stllm QA: EVA-ViT + BT-Adapter features (tiny)', 'float32', ours.reshape(theirs.shape),
+                theirs) <= 1e-5
+
+
+def test_stllm_qa_checkpoint_in_bfloat16_verifies(world, qa_source, capsys, report):
+  out = fresh(world, 'stllm_qa_bf16')
+  status, _, err = run_cli(capsys, 'stllm', qa_source, '--dtype', 'bfloat16', '--out', out, '--config', TINY)
+  assert status == 0, err
+  assert {str(a.dtype) for path, a in flat_params(out).items() if path.startswith('bt_adapter/')} == {'bfloat16'}
+  verified(report, 'stllm QA with BT-Adapter (bf16, 3 frames)', out, verify.SourceSpec.resolve(out),
+           num_frames=3)
+
+
+def test_a_qa_conversion_verifies_only_against_a_source_with_the_adapter(qa_converted, hf_sources, capsys):
+  status, _, err = run_cli(capsys, 'verify', qa_converted[1], '--torch', hf_sources['safetensors'])
+  assert_user_error(status, err, 'has a BT-Adapter (model.vision.bt_adapter.depth=2), which a hf-instructblip '
+                    'source does not hold')
 
 
 def _qa_source_with(world, edit):
