@@ -297,6 +297,28 @@ def test_stllm_qa_checkpoint_verifies_and_its_features_are_the_reference_towers(
                 theirs) <= 1e-5
 
 
+def test_stllm_qa_round_trip_through_export_gives_identical_tensors(world, qa_converted, capsys):
+  _, out = qa_converted
+  exported = fresh(world, 'stllm_qa_exported')
+  status, printed, err = run_cli(capsys, 'export-hf', out, exported)
+  assert status == 0, err
+  assert 'note: the BT-Adapter (visual_encoder.BTAdapter_*) is in stllm_heads.safetensors' in printed
+  assert_exported_as(safetensors.torch.load_file(os.path.join(exported, 'model.safetensors')),
+                     {name: tensor.to(torch.bfloat16).float() for name, tensor in world.model.state_dict().items()})
+  heads = safetensors.torch.load_file(os.path.join(exported, 'stllm_heads.safetensors'))
+  source = layouts.stllm_state(world.model, world.cfg, mvm_head=True, **QA_ADAPTER)
+  released = {name[len('model.stllm_model.'):]: tensor for name, tensor in source.items()
+              if 'BTAdapter_' in name or '.mvm_decoder.' in name}
+  assert sorted(heads) == sorted(released)
+  assert sum('BTAdapter_' in name for name in heads) == 2 + 2 * (9 + 13)  # cls, positions, 2 x (temporal, spatial)
+  for name, tensor in released.items():
+    assert heads[name].dtype == torch.float32 and torch.equal(heads[name], tensor.float()), name
+  with open(os.path.join(exported, 'stllm_config.json')) as f:
+    info = json.load(f)
+  assert info['bt_adapter'] == dict(depth=2, max_frames=8, vit_blocks=[0, 1], temporal_norm_eps=1e-6,
+                                    spatial_norm_eps=1e-5, drop_path=0.1)
+
+
 def test_stllm_qa_checkpoint_in_bfloat16_verifies(world, qa_source, capsys, report):
   out = fresh(world, 'stllm_qa_bf16')
   status, _, err = run_cli(capsys, 'stllm', qa_source, '--dtype', 'bfloat16', '--out', out, '--config', TINY)

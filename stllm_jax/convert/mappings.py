@@ -479,6 +479,9 @@ def bt_adapter_rules(prefix: str) -> list[Rule]:
 # our module -> (ST-LLM module name, torch module type): the side file `export-hf` writes uses these names.
 STLLM_HEADS = {'mvm_dense': ('mvm_decoder.head', 'linear'), 'mvm_norm': ('mvm_decoder.norm', 'norm'),
                'global_down': ('down_proj', 'linear'), 'global_up': ('up_proj', 'linear')}
+# our top-level modules that are ST-LLM's own (InstructBLIP has none of them): `export-hf` writes them to its
+# side file, the heads of STLLM_HEADS and the QA model's BT-Adapter
+STLLM_OWN_MODULES = (*STLLM_HEADS, 'bt_adapter')
 
 
 def stllm_head_tensors(flat_shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...]]]:
