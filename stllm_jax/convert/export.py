@@ -104,7 +104,7 @@ def bt_adapter_specs(model_cfg: stllm.STLLMConfig) -> list[tuple[str, tuple[int,
   if not model_cfg.vision.bt_adapter.depth:
     return []
   tower = reference.bt_adapter_tower(model_cfg.vision)
-  return [(reference.VIT_PREFIX + name, tuple(t.shape)) for name, t in tower.state_dict().items()
+  return [(mappings.BT_ADAPTER_PREFIX + name, tuple(t.shape)) for name, t in tower.state_dict().items()
           if name.startswith('BTAdapter_')]
 
 
