@@ -8,9 +8,11 @@ One random Hugging Face InstructBLIP with the architecture of configs/tiny.py is
                      transformers-4.28-style rotary_emb.inv_freq buffers, as sharded .bin
   stllm_dir(...)     the ST-LLM release layout: bf16 sharded pytorch_model-*.bin + index, LLM keys model.* /
                      lm_head.weight, the rest under model.stllm_model. (llama_proj, mvm_decoder, down_proj/up_proj,
-                     the embedding's second copy, residual_index), optionally a BT-Adapter
+                     the embedding's second copy, residual_index), optionally the QA model's BT-Adapter
+                     (visual_encoder.BTAdapter_*, random and non-zero everywhere, in float16)
 The LAVIS names are written here from Hugging Face names with their own table (a third statement of the
-mapping, beside `mappings` and `mappings.LAVIS_TO_HF_RENAMES`).
+mapping, beside `mappings` and `mappings.LAVIS_TO_HF_RENAMES`); the BT-Adapter's names from the released
+`stllm/models/eva_btadapter.py` with a table of their own too (`bt_adapter_shapes`).
 """
 
 from __future__ import annotations
@@ -162,10 +164,39 @@ def lavis_files(directory: str, model, model_config, llm_tokenizer: str) -> dict
   return paths
 
 
+def bt_adapter_shapes(width: int, mlp_dim: int, depth: int, max_frames: int) -> dict[str, tuple[int, ...]]:
+  """{released name after `visual_encoder.`: shape} of a BT-Adapter with `depth` layer pairs."""
+  attention = {'attn.qkv.weight': (3 * width, width), 'attn.q_bias': (width,), 'attn.v_bias': (width,),
+               'attn.proj.weight': (width, width), 'attn.proj.bias': (width,)}
+  temporal = {'norm1.weight': (width,), 'norm1.bias': (width,), **attention,
+              'temporal_fc.weight': (width, width), 'temporal_fc.bias': (width,)}
+  spatial = {'norm1.weight': (width,), 'norm1.bias': (width,), **attention, 'norm2.weight': (width,),
+             'norm2.bias': (width,), 'mlp.fc1.weight': (mlp_dim, width), 'mlp.fc1.bias': (mlp_dim,),
+             'mlp.fc2.weight': (width, mlp_dim), 'mlp.fc2.bias': (width,)}
+  shapes = {'BTAdapter_cls': (1, 1, width), 'BTAdapter_position.weight': (max_frames, width)}
+  for k in range(depth):
+    shapes.update({f'BTAdapter_T.{k}.{name}': shape for name, shape in temporal.items()})
+    shapes.update({f'BTAdapter_S.{k}.{name}': shape for name, shape in spatial.items()})
+  return shapes
+
+
+def bt_adapter_tensors(model_config, depth: int, max_frames: int, seed: int) -> dict[str, torch.Tensor]:
+  """A random BT-Adapter under its checkpoint names (`visual_encoder.BTAdapter_*`), float16; no tensor is zero
+  (the released start point has zero temporal_fc, q/v biases and CLS, which would hide mapping mistakes)."""
+  gen = torch.Generator().manual_seed(seed)
+  vision = model_config.vision
+  out = {}
+  for name, shape in bt_adapter_shapes(vision.width, vision.mlp_dim, depth, max_frames).items():
+    noise = torch.randn(shape, generator=gen) * 0.05
+    out['visual_encoder.' + name] = (1 + noise if '.norm' in name and name.endswith('weight') else noise).half()
+  return out
+
+
 def stllm_state(model, model_config, *, global_local: bool = False, mvm_head: bool = False,
-                embed_copy: bool = True, num_local_frames: int = 4, bt_adapter: bool = False,
-                seed: int = 7) -> dict[str, torch.Tensor]:
-  """The tensors of a released ST-LLM checkpoint built from a Hugging Face InstructBLIP (bf16)."""
+                embed_copy: bool = True, num_local_frames: int = 4, bt_adapter_depth: int = 0,
+                bt_adapter_frames: int = 8, seed: int = 7) -> dict[str, torch.Tensor]:
+  """The tensors of a released ST-LLM checkpoint built from a Hugging Face InstructBLIP (bf16; a BT-Adapter
+  with `bt_adapter_depth` layer pairs and `bt_adapter_frames` frame positions in float16)."""
   gen = torch.Generator().manual_seed(seed)
   randn = lambda *shape: torch.randn(shape, generator=gen) * 0.05
   width = model_config.llm.width
@@ -187,11 +218,11 @@ def stllm_state(model, model_config, *, global_local: bool = False, mvm_head: bo
     state.update({prefix + 'down_proj.weight': randn(hidden, width), prefix + 'down_proj.bias': randn(hidden),
                   prefix + 'up_proj.weight': randn(width, hidden), prefix + 'up_proj.bias': randn(width),
                   prefix + 'residual_index': torch.arange(num_local_frames) * 2 + 1})
-  if bt_adapter:
-    vision = model_config.vision.width
-    state.update({prefix + 'visual_encoder.BTAdapter_cls': randn(1, 1, vision),
-                  prefix + 'visual_encoder.BTAdapter_T.0.temporal_fc.weight': randn(vision, vision)})
-  return {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
+  state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
+  if bt_adapter_depth:
+    adapter = bt_adapter_tensors(model_config, bt_adapter_depth, bt_adapter_frames, seed + 1)
+    state.update({prefix + name: tensor for name, tensor in adapter.items()})
+  return state
 
 
 def stllm_dir(directory: str, model, model_config, llm_tokenizer: str, **options) -> str:

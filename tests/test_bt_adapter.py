@@ -1,8 +1,8 @@
 """The BT-Adapter against an independent PyTorch tower with the released parameter names
-(`bt_adapter_reference.py`), the ViT's last-block outputs, training-mode dropout, and the released start point."""
+(`stllm_jax/convert/bt_adapter_reference.py`, loaded through `mappings.bt_adapter_rules`), the ViT's last-block
+outputs, training-mode dropout, and the released start point."""
 
 import dataclasses
-import re
 import types
 
 import flax.linen as nn
@@ -14,11 +14,11 @@ import torch
 import transformers
 from jax.sharding import PartitionSpec
 
-from bt_adapter_reference import EvaViTWithBTAdapter
 from conftest import (convert, hf_frame_tokens, hf_llm_logits, random_batch, randomize_, relative_error,
                       tiny_hf_instructblip_config)
 from stllm_jax import configlib, sharding
 from stllm_jax.convert import mappings, strict
+from stllm_jax.convert.bt_adapter_reference import EvaViTWithBTAdapter
 from stllm_jax.models import bt_adapter, layers, stllm
 from stllm_jax.models.eva_vit import EVAViT
 from stllm_jax.models.stllm import STLLM
@@ -26,28 +26,6 @@ from stllm_jax.models.stllm import STLLM
 # The reference tower: odd head count, a ViT deeper than the adapter (the adapter reads blocks 2, 3, 4).
 TOWER = dict(image_size=42, patch_size=14, width=60, depth=5, num_heads=5, mlp_dim=100)
 ADAPTER_DEPTH, MAX_FRAMES = 3, 16
-
-
-def bt_adapter_rules(prefix: str) -> list[strict.Rule]:
-  """Released `BTAdapter_*` names (after `prefix`, e.g. `model.stllm_model.visual_encoder.`) -> `bt_adapter/`."""
-  p = re.escape(prefix)
-  temporal, ours_t = p + r'BTAdapter_T\.(\d+)\.', 'bt_adapter/temporal_{0}/'
-  spatial, ours_s = p + r'BTAdapter_S\.(\d+)\.', 'bt_adapter/spatial_{0}/'
-  attention = lambda layer, ours: [
-      (layer + r'attn\.qkv\.weight', mappings.linear(ours + 'attn/qkv/kernel')),
-      (layer + r'attn\.([qv])_bias', mappings.copy(ours + 'attn/{1}_bias')),
-      (layer + r'attn\.proj\.' + mappings.W_OR_B, mappings.linear(ours + 'attn/out/{param}')),
-  ]
-  return [
-      (p + r'BTAdapter_cls', mappings.copy('bt_adapter/cls_token')),
-      (p + r'BTAdapter_position\.weight', mappings.copy('bt_adapter/frame_position')),
-      (temporal + r'norm1\.' + mappings.NORM, mappings.copy(ours_t + 'norm1/{norm}')),
-      *attention(temporal, ours_t),
-      (temporal + r'temporal_fc\.' + mappings.W_OR_B, mappings.linear(ours_t + 'temporal_fc/{param}')),
-      (spatial + r'norm([12])\.' + mappings.NORM, mappings.copy(ours_s + 'norm{1}/{norm}')),
-      *attention(spatial, ours_s),
-      (spatial + r'mlp\.fc([12])\.' + mappings.W_OR_B, mappings.linear(ours_s + 'fc{1}/{param}')),
-  ]
 
 
 def template(cfg, *prefixes):
@@ -79,7 +57,7 @@ def models(world):
   for scan in (True, False):
     cfg, params = convert(world.hf, vision={'scan_layers': scan})
     cfg.vision.bt_adapter.update(depth=ADAPTER_DEPTH, max_frames=MAX_FRAMES)
-    tower = strict.load_strict(world.tower.state_dict(), mappings.eva_vit_rules('') + bt_adapter_rules(''),
+    tower = strict.load_strict(world.tower.state_dict(), mappings.eva_vit_rules('') + mappings.bt_adapter_rules(''),
                                template(cfg, 'vision/', 'bt_adapter/'), 'the reference tower')
     out[scan] = cfg, {**params, **tower}
   return out
@@ -132,7 +110,7 @@ def test_adapter_gradients_match_torch_autograd(world, models, parity, report, n
   named = {n: p for n, p in world.tower.named_parameters() if n.startswith('BTAdapter_')}
   tokens = hf_frame_tokens(world.hf, reference_image_tokens(world, batch['frames']), batch)
   torch_grads = torch.autograd.grad((tokens * torch.tensor(weights)).sum(), list(named.values()))
-  reference = strict.flatten(strict.load_strict(dict(zip(named, torch_grads)), bt_adapter_rules(''),
+  reference = strict.flatten(strict.load_strict(dict(zip(named, torch_grads)), mappings.bt_adapter_rules(''),
                                                 template(cfg, 'bt_adapter/'), 'the torch gradients')['bt_adapter'])
   assert set(ours) == set(reference)
   # frame-position rows past the video's frames get no gradient

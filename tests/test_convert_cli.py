@@ -23,9 +23,10 @@ import transformers
 import convert_layouts as layouts
 from conftest import randomize_
 from stllm_jax import checkpoints, configlib, sharding
-from stllm_jax.convert import cli, export, sources, verify
+from stllm_jax.convert import cli, export, reference, sources, verify
 from stllm_jax.data import conversation
 from stllm_jax.errors import UserError
+from stllm_jax.models import stllm
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 TINY = os.path.join(ROOT, 'configs', 'tiny.py')
@@ -241,12 +242,124 @@ def test_stllm_mvm_head_converts(world):
   assert checkpoints.read_model_config(out)['mvm_head'] and checkpoints.read_model_config(out)['video_input'] == 'all'
 
 
-def test_stllm_qa_checkpoint_with_bt_adapter_is_refused(world, capsys):
-  source = layouts.stllm_dir(fresh(world, 'stllm_qa'), world.model, world.cfg, world.llm_tokenizer,
-                             mvm_head=True, bt_adapter=True)
-  out = fresh(world, 'stllm_qa_out')
-  status, _, err = run_cli(capsys, 'stllm', source, '--out', out, '--config', TINY)
-  assert_user_error(status, err, 'BT-Adapter', 'visual_encoder.BTAdapter_', 'refused')
+QA_ADAPTER = dict(bt_adapter_depth=2, bt_adapter_frames=8)  # the tiny ViT has 2 blocks: the adapter reads both
+QA_VIT = 'model.stllm_model.visual_encoder.'
+
+
+@pytest.fixture(scope='module')
+def qa_source(world):
+  """The QA (MVBench) layout: bf16, an MVM head, no global-local MLP, a float16 BT-Adapter of 2 layer pairs."""
+  return layouts.stllm_dir(os.path.join(world.root, 'stllm_qa'), world.model, world.cfg, world.llm_tokenizer,
+                           mvm_head=True, **QA_ADAPTER)
+
+
+@pytest.fixture(scope='module')
+def qa_converted(world, qa_source):
+  """(what the conversion logged, the QA checkpoint converted in float32)."""
+  out, logged = os.path.join(world.root, 'stllm_qa_f32'), []
+  prepared = sources.prepare_stllm(qa_source, configlib.load_config_file(TINY).model, world.qformer_tokenizer)
+  sources.convert(prepared, out, log=logged.append)
+  return logged, out
+
+
+def test_stllm_qa_checkpoint_converts_with_its_bt_adapter(world, qa_converted):
+  logged, out = qa_converted
+  assert (f'note: BT-Adapter ({QA_VIT}BTAdapter_*, the QA model): 2 temporal + spatial layer pairs beside ViT '
+          'blocks 0..1, at most 8 frames per video (model.vision.bt_adapter, params bt_adapter/)') in logged, logged
+  model = checkpoints.read_model_config(out)
+  assert (model['vision']['bt_adapter']['depth'], model['vision']['bt_adapter']['max_frames']) == (2, 8)
+  assert (model['video_input'], model['mvm_head']) == ('all', True)
+  params = flat_params(out)
+  source = layouts.stllm_state(world.model, world.cfg, mvm_head=True, **QA_ADAPTER)
+  adapter = lambda name: source[QA_VIT + name].float().numpy()
+  np.testing.assert_array_equal(params['bt_adapter/temporal_1/temporal_fc/kernel'],
+                                adapter('BTAdapter_T.1.temporal_fc.weight').T)
+  np.testing.assert_array_equal(params['bt_adapter/spatial_0/attn/v_bias'].reshape(-1),
+                                adapter('BTAdapter_S.0.attn.v_bias'))
+  np.testing.assert_array_equal(params['bt_adapter/frame_position'], adapter('BTAdapter_position.weight'))
+
+
+def test_stllm_qa_checkpoint_verifies_and_its_features_are_the_reference_towers(world, qa_converted, report,
+                                                                                 parity):
+  _, out = qa_converted
+  verified(report, 'stllm QA with BT-Adapter (float32, 4 frames)', out, verify.SourceSpec.resolve(out),
+           num_frames=4)
+  loaded = checkpoints.load_model(out)
+  cfg = stllm.model_config(loaded.model_config)
+  frames = np.random.default_rng(3).standard_normal((2, 4, 56, 56, 3)).astype(np.float32)
+  ours = np.asarray(stllm.STLLM(cfg).apply({'params': loaded.params}, frames, method='vision_tokens'))
+  source = layouts.stllm_state(world.model, world.cfg, mvm_head=True, **QA_ADAPTER)
+  tower = reference.bt_adapter_tower(cfg.vision, {name[len(QA_VIT):]: tensor.float() for name, tensor in
+                                                  source.items() if name.startswith(QA_VIT)})
+  with torch.no_grad():
+    theirs = tower(torch.tensor(frames.transpose(0, 1, 4, 2, 3)))  # [B*T, 1+P, W]
+  assert parity('convert stllm QA: EVA-ViT + BT-Adapter features (tiny)', 'float32', ours.reshape(theirs.shape),
+                theirs) <= 1e-5
+
+
+def test_stllm_qa_round_trip_through_export_gives_identical_tensors(world, qa_converted, capsys):
+  _, out = qa_converted
+  exported = fresh(world, 'stllm_qa_exported')
+  status, printed, err = run_cli(capsys, 'export-hf', out, exported)
+  assert status == 0, err
+  assert 'note: the BT-Adapter (visual_encoder.BTAdapter_*) is in stllm_heads.safetensors' in printed
+  assert_exported_as(safetensors.torch.load_file(os.path.join(exported, 'model.safetensors')),
+                     {name: tensor.to(torch.bfloat16).float() for name, tensor in world.model.state_dict().items()})
+  heads = safetensors.torch.load_file(os.path.join(exported, 'stllm_heads.safetensors'))
+  source = layouts.stllm_state(world.model, world.cfg, mvm_head=True, **QA_ADAPTER)
+  released = {name[len('model.stllm_model.'):]: tensor for name, tensor in source.items()
+              if 'BTAdapter_' in name or '.mvm_decoder.' in name}
+  assert sorted(heads) == sorted(released)
+  assert sum('BTAdapter_' in name for name in heads) == 2 + 2 * (9 + 13)  # cls, positions, 2 x (temporal, spatial)
+  for name, tensor in released.items():
+    assert heads[name].dtype == torch.float32 and torch.equal(heads[name], tensor.float()), name
+  with open(os.path.join(exported, 'stllm_config.json')) as f:
+    info = json.load(f)
+  assert info['bt_adapter'] == dict(depth=2, max_frames=8, vit_blocks=[0, 1], temporal_norm_eps=1e-6,
+                                    spatial_norm_eps=1e-5, drop_path=0.1)
+
+
+def test_stllm_qa_checkpoint_in_bfloat16_verifies(world, qa_source, capsys, report):
+  out = fresh(world, 'stllm_qa_bf16')
+  status, _, err = run_cli(capsys, 'stllm', qa_source, '--dtype', 'bfloat16', '--out', out, '--config', TINY)
+  assert status == 0, err
+  assert {str(a.dtype) for path, a in flat_params(out).items() if path.startswith('bt_adapter/')} == {'bfloat16'}
+  verified(report, 'stllm QA with BT-Adapter (bf16, 3 frames)', out, verify.SourceSpec.resolve(out),
+           num_frames=3)
+
+
+def test_a_qa_conversion_verifies_only_against_a_source_with_the_adapter(qa_converted, hf_sources, capsys):
+  status, _, err = run_cli(capsys, 'verify', qa_converted[1], '--torch', hf_sources['safetensors'])
+  assert_user_error(status, err, 'has a BT-Adapter (model.vision.bt_adapter.depth=2), which a hf-instructblip '
+                    'source does not hold')
+
+
+def _qa_source_with(world, edit):
+  directory = fresh(world, 'stllm_qa_broken')
+  state = layouts.stllm_state(world.model, world.cfg, **QA_ADAPTER)
+  edit(state)
+  layouts.write_config(directory, dict(world.model.config.text_config.to_dict(), model_type='st_llm_hf'))
+  layouts.save_bin_shards(directory, state, 2)
+  return directory
+
+
+@pytest.mark.parametrize('edit, fragments', [
+    (lambda s: s.pop(QA_VIT + 'BTAdapter_S.1.norm2.weight'),
+     ['missing (no source tensor for these model parameters): 1',
+      f'{QA_VIT}BTAdapter_S.1.norm2.weight -> bt_adapter/spatial_1/norm2/scale [64]']),
+    (lambda s: s.update({QA_VIT + 'BTAdapter_X': torch.zeros(3)}),
+     ['unused (no model parameter takes these source tensors): 1', f'{QA_VIT}BTAdapter_X']),
+    (lambda s: s.update({QA_VIT + 'BTAdapter_T.1.temporal_fc.weight': torch.zeros(64, 63)}),
+     ['mis-shaped', f'{QA_VIT}BTAdapter_T.1.temporal_fc.weight [63, 64] -> bt_adapter/temporal_1/temporal_fc/kernel '
+      'expects [64, 64]']),
+    (lambda s: s.update({QA_VIT + 'BTAdapter_S.2.mlp.fc1.bias': torch.zeros(128)}),
+     ['unused', f'{QA_VIT}BTAdapter_S.2.mlp.fc1.bias [128] (would go to bt_adapter/spatial_2/fc1/bias, which the '
+      'model does not have)']),
+], ids=['missing', 'unknown-name', 'mis-shaped', 'spatial-layer-too-many'])
+def test_a_mismatched_bt_adapter_is_named_and_nothing_is_written(world, capsys, edit, fragments):
+  out = fresh(world, 'stllm_qa_broken_out')
+  status, _, err = run_cli(capsys, 'stllm', _qa_source_with(world, edit), '--out', out, '--config', TINY)
+  assert_user_error(status, err, 'does not match the model', 'Nothing was written', *fragments)
   assert_nothing_written(out)
 
 
@@ -380,7 +493,6 @@ def test_sharded_writing_gives_per_shard_chunks_and_the_same_params(world, hf_so
 
 def test_training_starts_from_converted_weights(world, hf_converted):
   """train.py reads a converted directory as `config.init.checkpoint` (fresh MVM head from init.new_params)."""
-  from stllm_jax.models import stllm  # pylint: disable=g-import-not-at-top
   config = configlib.load_config_file(TINY)
   config.model.llm.vocab_size = world.cfg.llm.vocab_size
   config.init.checkpoint = hf_converted

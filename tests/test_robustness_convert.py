@@ -228,7 +228,7 @@ def layout_tensors_and_rules(world, layout):
   if layout == 'lavis':
     return layouts.lavis_tensors(state), mappings.lavis_rules(world.cfg.vision.depth, inv_freq, 0)
   if layout == 'stllm':
-    return (layouts.stllm_state(world.model, world.cfg, global_local=True, mvm_head=True),
+    return (layouts.stllm_state(world.model, world.cfg, global_local=True, mvm_head=True, bt_adapter_depth=2),
             mappings.stllm_rules(inv_freq, 4))
   return world.model.language_model.state_dict(), mappings.llama_rules('', 'llm/', inv_freq)
 

@@ -12,7 +12,7 @@
 
 Exit status: 0 done; 1 verify found errors above the tolerance; 2 a problem with the inputs (one message, no
 traceback): a wrong path or source kind, a checkpoint that does not match the model (every missing, unused
-and mis-shaped tensor listed), a refused BT-Adapter checkpoint, an existing output directory.
+and mis-shaped tensor listed), an existing output directory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from stllm_jax.errors import UserError, exit_with
 SOURCE_HELP = {
     'hf-instructblip': 'a Hugging Face InstructBlipForConditionalGeneration directory',
     'lavis': 'LAVIS InstructBLIP (eva_vit_g.pth + instruct_blip_vicuna7b_trimmed.pth) with a Vicuna directory',
-    'stllm': 'a released ST-LLM checkpoint directory (sharded pytorch_model-*.bin with index)',
+    'stllm': 'a released ST-LLM checkpoint directory (sharded pytorch_model-*.bin with index; the conversation '
+             'model or the QA model with its BT-Adapter)',
     'hf-llama': 'a LLaMA/Vicuna directory: the LLM alone',
 }
 

@@ -4,9 +4,10 @@ OUT holds what `InstructBlipForConditionalGeneration.from_pretrained(OUT)` reads
 safetensors with the vision tower, Q-Former, projection and the LLaMA (`language_model.*`), plus the LLM
 tokenizer (top level) and the Q-Former tokenizer (`qformer_tokenizer/`) when the weights have them. ST-LLM's
 own modules, which InstructBLIP lacks, go to a side file in ST-LLM's names (`stllm_heads.safetensors`:
-`mvm_decoder.*`, `down_proj.*`, `up_proj.*`) with `stllm_config.json` (video input, number of local frames,
-ln_vision eps, the image token). LoRA weights are merged into the kernels they adapt. An LLM-only directory
-(`convert hf-llama`) exports as a `LlamaForCausalLM` directory.
+`mvm_decoder.*`, `down_proj.*`, `up_proj.*`, and the QA model's BT-Adapter `visual_encoder.BTAdapter_*`) with
+`stllm_config.json` (video input, number of local frames, the BT-Adapter's architecture, ln_vision eps, the image
+token). LoRA weights are merged into the kernels they adapt. An LLM-only directory (`convert hf-llama`) exports
+as a `LlamaForCausalLM` directory.
 
 InstructBLIP's forward and `generate` put the visual tokens where the LLM input ids hold its image token
 (`config.image_token_index`). A vocabulary without `<image>` gets it as Hugging Face's own InstructBLIP
@@ -14,8 +15,9 @@ checkpoints do: a token after the tokenizer's last (Vicuna's [PAD] 32000 -> `<im
 exported tokenizer, with a new embedding and LM-head row, each the mean of the others (as [PAD]'s).
 
 Names come from the same rule tables as the import (`mappings`, each rule's `inverse`), the list of tensors
-from the Hugging Face model itself (built on the meta device), and the export is strict too: every
-Hugging Face tensor is produced and every one of our params is written exactly once.
+from the Hugging Face model itself (built on the meta device; the BT-Adapter's from the PyTorch reference tower,
+`reference.bt_adapter_tower`), and the export is strict too: every Hugging Face tensor is produced and every one
+of our params is written exactly once.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax
 import numpy as np
 
 from stllm_jax import checkpoints, configlib
-from stllm_jax.convert import hf, mappings, strict
+from stllm_jax.convert import hf, mappings, reference, strict
 from stllm_jax.convert.tensor_files import format_bytes, write_safetensors
 from stllm_jax.errors import UserError
 from stllm_jax.models import llama, stllm
@@ -94,6 +96,16 @@ def hf_tensor_specs(model_class: Any, config: Any) -> list[tuple[str, tuple[int,
   if getattr(config.get_text_config(), 'tie_word_embeddings', False):
     tied = {n for n in model.state_dict() if n.endswith('lm_head.weight')}
   return [(name, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied]
+
+
+def bt_adapter_specs(model_cfg: stllm.STLLMConfig) -> list[tuple[str, tuple[int, ...]]]:
+  """(ST-LLM name, shape) of every BT-Adapter tensor (`visual_encoder.BTAdapter_*`), from the PyTorch reference
+  tower built on the meta device; none without an adapter."""
+  if not model_cfg.vision.bt_adapter.depth:
+    return []
+  tower = reference.bt_adapter_tower(model_cfg.vision)
+  return [(mappings.BT_ADAPTER_PREFIX + name, tuple(t.shape)) for name, t in tower.state_dict().items()
+          if name.startswith('BTAdapter_')]
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list]:
@@ -187,9 +199,10 @@ def export_hf(ckpt: str, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     config = instructblip_config(model, image_index, new_rows)
     model_class, rules = transformers.InstructBlipForConditionalGeneration, mappings.hf_instructblip_rules()
   specs = hf_tensor_specs(model_class, config)
-  get = ReadOnce({k: v for k, v in flat.items() if k.split('/')[0] not in mappings.STLLM_HEADS})
-  head_get = ReadOnce({k: v for k, v in flat.items() if k.split('/')[0] in mappings.STLLM_HEADS})
+  get = ReadOnce({k: v for k, v in flat.items() if k.split('/')[0] not in mappings.STLLM_OWN_MODULES})
+  head_get = ReadOnce({k: v for k, v in flat.items() if k.split('/')[0] in mappings.STLLM_OWN_MODULES})
   heads = mappings.stllm_head_tensors({k: tuple(v.shape) for k, v in flat.items()})
+  heads += [] if llm_only else bt_adapter_specs(model_cfg)
   produce = with_vocab_rows(lambda name, shape: mappings.export_tensor(rules, name, shape, get), new_rows)
   dry_run(specs, produce, get)
   dry_run(heads, lambda name, shape: mappings.export_tensor(mappings.stllm_head_rules(''), name, shape, head_get),
@@ -226,6 +239,10 @@ def export_hf(ckpt: str, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     log(f'note: Hugging Face applies ln_vision as post_layernorm with eps {model_cfg.vision.layer_norm_eps:g}; this '
         f'model uses {model_cfg.ln_vision_eps:g} (set model.vision_model.post_layernorm.eps after loading; '
         f'{STLLM_CONFIG_FILE} records it)')
+  if not llm_only and model_cfg.vision.bt_adapter.depth:
+    log(f'note: the BT-Adapter (visual_encoder.BTAdapter_*) is in {HEADS_FILE}, described in {STLLM_CONFIG_FILE}: '
+        'transformers has no such module, so InstructBlipForConditionalGeneration alone computes vision features '
+        'without it, which are not this model\'s')
   log(f'wrote {len(specs) + len(heads)} tensors ({format_bytes(total)}, {dtype}) to {out}')
   return dict(tensors=len(specs) + len(heads), bytes=total)
 
@@ -268,10 +285,22 @@ def _write_shards(directory: str, specs, shape_of, produce, dtype, max_bytes, on
       json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
 
 
+def bt_adapter_info(model_cfg: stllm.STLLMConfig) -> dict[str, Any] | None:
+  """The BT-Adapter's architecture for `stllm_config.json` (None without an adapter)."""
+  adapter, vit_depth = model_cfg.vision.bt_adapter, model_cfg.vision.depth
+  if not adapter.depth:
+    return None
+  return dict(depth=adapter.depth, max_frames=adapter.max_frames,
+              vit_blocks=list(range(vit_depth - adapter.depth, vit_depth)),  # the ViT blocks it reads
+              temporal_norm_eps=adapter.temporal_norm_eps, spatial_norm_eps=adapter.spatial_norm_eps,
+              drop_path=adapter.drop_path)
+
+
 def _write_stllm_config(directory: str, model_cfg: stllm.STLLMConfig, has_heads: bool, image_token_index: int,
                         new_rows: int) -> None:
   info = dict(video_input=model_cfg.video_input, num_local_frames=model_cfg.num_local_frames,
               global_mlp_dim=model_cfg.global_mlp_dim, mvm_head=model_cfg.mvm_head, mvm_norm_eps=model_cfg.mvm_norm_eps,
+              bt_adapter=bt_adapter_info(model_cfg),
               ln_vision_eps=model_cfg.ln_vision_eps, heads_file=HEADS_FILE if has_heads else None,
               image_token=IMAGE_TOKEN, image_token_index=image_token_index, image_token_added=bool(new_rows),
               num_query_tokens=model_cfg.qformer.num_query_tokens,
@@ -280,7 +309,11 @@ def _write_stllm_config(directory: str, model_cfg: stllm.STLLMConfig, has_heads:
                    'its embedding and LM-head rows the mean of the others (pass suppress_tokens=[image_token_index] '
                    'to generate to keep it out of answers). ln_vision is vision_model.post_layernorm with '
                    'eps ln_vision_eps. down_proj/up_proj (global-local) add up(relu(down(mean over frames))) to '
-                   'each local frame\'s tokens; mvm_decoder is a training-only head.')
+                   'each local frame\'s tokens; mvm_decoder is a training-only head. visual_encoder.BTAdapter_* '
+                   '(bt_adapter, the QA model; ST-LLM\'s stllm/models/eva_btadapter.py, which transformers lacks) '
+                   'runs beside vision_model on the outputs of vit_blocks over all frames of a video together; '
+                   'each frame\'s vision_model output before post_layernorm becomes the mean of the last block\'s '
+                   'output and the adapter\'s.')
   with open(os.path.join(directory, STLLM_CONFIG_FILE), 'w') as f:
     json.dump(info, f, indent=2)
 

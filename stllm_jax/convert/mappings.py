@@ -14,7 +14,8 @@ Layouts:
                 (`ln_vision`, `Qformer.bert`, `query_tokens`, `llm_proj`), plus a Vicuna LLaMA directory
                 (`lavis_rules`).
   ST-LLM        the same names under `model.stllm_model.` (projection `llama_proj`), ST-LLM's heads
-                (`mvm_decoder`, `down_proj`/`up_proj`) and the LLM (`model.*`, `lm_head`) (`stllm_rules`).
+                (`mvm_decoder`, `down_proj`/`up_proj`), the QA model's BT-Adapter (`visual_encoder.BTAdapter_*`,
+                `bt_adapter_rules`) and the LLM (`model.*`, `lm_head`) (`stllm_rules`).
 Buffers that some checkpoints carry (BERT `position_ids`, LLaMA `rotary_emb.inv_freq`, ST-LLM's
 `residual_index`) are checked against what the model computes, then consumed.
 
@@ -443,11 +444,44 @@ def lavis_rules(dropped_vit_block: int, inv_freq: Callable[[np.ndarray], str] | 
 
 
 STLLM_PREFIX = 'model.stllm_model.'
+BT_ADAPTER_PREFIX = 'visual_encoder.'  # where ST-LLM's QA model keeps its BT-Adapter (inside the vision tower)
+BT_ADAPTER_POSITION = 'BTAdapter_position.weight'  # the frame-position table: one row per frame
+
+
+def bt_adapter_rules(prefix: str) -> list[Rule]:
+  """The BT-Adapter of ST-LLM's QA model (`stllm/models/eva_btadapter.py`): `BTAdapter_*` after `prefix`
+  (`visual_encoder.` in a checkpoint) -> our `bt_adapter/` (see `stllm_jax.models.bt_adapter`).
+
+  Temporal layers `BTAdapter_T.k` hold norm1, an EVA attention and `temporal_fc`; spatial layers
+  `BTAdapter_S.k` are whole EVA blocks (the ViT block rules' names under another prefix).
+  """
+  p = re.escape(prefix)
+  temporal, ours_t = p + r'BTAdapter_T\.(\d+)\.', 'bt_adapter/temporal_{0}/'
+  spatial, ours_s = p + r'BTAdapter_S\.(\d+)\.', 'bt_adapter/spatial_{0}/'
+
+  def attention(layer: str, ours: str) -> list[Rule]:
+    return [(layer + r'attn\.qkv\.weight', linear(ours + 'attn/qkv/kernel')),
+            (layer + r'attn\.([qv])_bias', copy(ours + 'attn/{1}_bias')),
+            (layer + r'attn\.proj\.' + W_OR_B, linear(ours + 'attn/out/{param}'))]
+
+  return [
+      (p + r'BTAdapter_cls', copy('bt_adapter/cls_token')),
+      (p + re.escape(BT_ADAPTER_POSITION), copy('bt_adapter/frame_position')),
+      (temporal + r'norm1\.' + NORM, copy(ours_t + 'norm1/{norm}')),
+      *attention(temporal, ours_t),
+      (temporal + r'temporal_fc\.' + W_OR_B, linear(ours_t + 'temporal_fc/{param}')),
+      (spatial + r'norm([12])\.' + NORM, copy(ours_s + 'norm{1}/{norm}')),
+      *attention(spatial, ours_s),
+      (spatial + r'mlp\.fc([12])\.' + W_OR_B, linear(ours_s + 'fc{1}/{param}')),
+  ]
 
 
 # our module -> (ST-LLM module name, torch module type): the side file `export-hf` writes uses these names.
 STLLM_HEADS = {'mvm_dense': ('mvm_decoder.head', 'linear'), 'mvm_norm': ('mvm_decoder.norm', 'norm'),
                'global_down': ('down_proj', 'linear'), 'global_up': ('up_proj', 'linear')}
+# our top-level modules that are ST-LLM's own (InstructBLIP has none of them): `export-hf` writes them to its
+# side file, the heads of STLLM_HEADS and the QA model's BT-Adapter
+STLLM_OWN_MODULES = (*STLLM_HEADS, 'bt_adapter')
 
 
 def stllm_head_tensors(flat_shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...]]]:
@@ -462,13 +496,15 @@ def stllm_head_tensors(flat_shapes: dict[str, tuple[int, ...]]) -> list[tuple[st
 
 
 def stllm_head_rules(prefix: str) -> list[Rule]:
-  """ST-LLM's own modules: the MVM head (`mvm_decoder.head` Linear, `mvm_decoder.norm` LayerNorm) and the
-  global-local MLP f_m (`down_proj`, `up_proj`), after `prefix`."""
+  """ST-LLM's own modules: the MVM head (`mvm_decoder.head` Linear, `mvm_decoder.norm` LayerNorm), the
+  global-local MLP f_m (`down_proj`, `up_proj`) and the QA model's BT-Adapter (`visual_encoder.BTAdapter_*`),
+  after `prefix`."""
   p = re.escape(prefix)
   return [
       (p + r'mvm_decoder\.head\.' + W_OR_B, linear('mvm_dense/{param}')),
       (p + r'mvm_decoder\.norm\.' + NORM, copy('mvm_norm/{norm}')),
       (p + r'(down|up)_proj\.' + W_OR_B, linear('global_{0}/{param}')),
+      *bt_adapter_rules(prefix + BT_ADAPTER_PREFIX),
   ]
 
 
@@ -485,9 +521,12 @@ def stllm_rules(inv_freq: Callable[[np.ndarray], str] | None, num_local_frames: 
   ]
 
 
-def is_bt_adapter(name: str) -> bool:
-  """A tensor of the BT-Adapter (`visual_encoder.BTAdapter_*`) that ST-LLM's QA checkpoint carries."""
-  return '.BTAdapter_' in name or name.startswith('BTAdapter_')
+def bt_adapter_depth(names: Iterable[str], prefix: str) -> int:
+  """The BT-Adapter's number of layer pairs: how many temporal layers `BTAdapter_T.k` there are among the
+  source `names` (after `prefix`); 0 without an adapter. A gap in k or a spatial layer too many is left to the
+  strict load, which names the tensors."""
+  temporal = re.compile(re.escape(prefix) + r'BTAdapter_T\.(\d+)\..+')
+  return len({m.group(1) for name in names if (m := temporal.fullmatch(name))})
 
 
 # -------------------------------------------------------------------------- writing a layout back out

@@ -10,8 +10,9 @@ every source tensor used once, every parameter filled) and writes the weights di
   lavis                 eva_vit_g.pth + instruct_blip_vicuna7b_trimmed.pth + a Vicuna directory: the paper's
                         starting point (EVA block 39 dropped, a [PAD] row added to the vocabulary)
   stllm DIR             a released ST-LLM checkpoint (LLaMA config.json, sharded .bin); its heads decide
-                        the model: down_proj/up_proj -> global-local input, mvm_decoder -> MVM head. A
-                        BT-Adapter (the QA checkpoint) is refused: stllm_jax has no such module yet.
+                        the model: down_proj/up_proj -> global-local input, mvm_decoder -> MVM head,
+                        visual_encoder.BTAdapter_* (the QA checkpoint) -> the BT-Adapter, its depth and
+                        frame count from the checkpoint.
   hf-llama DIR          a LLaMA/Vicuna directory: the LLM alone (a weights directory with `llm/` only)
 The vision tower and Q-Former of LAVIS and ST-LLM sources have no config of their own: their architecture is
 the base config's (the 7B model unless `--config` says otherwise), and strict loading checks every shape.
@@ -132,9 +133,11 @@ def load_tokenizer(which: str, directory: str):
 
 def _base(base: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict((base if base is not None else stllm.default_config()).to_dict())
-  # A conversion writes exactly what the source holds: no LoRA, and the heads only if the source has them.
+  # A conversion writes exactly what the source holds: no LoRA, and the heads and the BT-Adapter only if the
+  # source has them.
   cfg.llm.lora_rank = 0
   cfg.video_input, cfg.mvm_head = 'all', False
+  cfg.vision.bt_adapter.depth = 0
   return cfg
 
 
@@ -220,17 +223,9 @@ def prepare_stllm(directory: str, base: ml_collections.ConfigDict | None = None,
   if not any(n.startswith(mappings.STLLM_PREFIX) for n in names):
     require_kind(directory, config, 'stllm', 'an ST-LLM checkpoint')
     raise UserError(f'{directory} holds no {mappings.STLLM_PREFIX}* tensors, so it is not an ST-LLM checkpoint')
-  adapter = [n for n in names if mappings.is_bt_adapter(n)]
-  if adapter:
-    raise UserError(
-        f'{directory} carries a BT-Adapter ({len(adapter)} tensors such as {adapter[0]}): this is the ST-LLM QA '
-        '(MVBench) checkpoint, whose vision tower has a trained spatio-temporal adapter beside EVA-ViT. The model '
-        'has it (model.vision.bt_adapter) but this converter does not map its tensors yet, and converting '
-        'without them would silently change the model, so the conversion is refused. The conversation checkpoint '
-        'converts; for MVBench, train with configs/stllm_7b.py from the lavis conversion.')
   cfg = _base(base)
   cfg.llm = _llm_config(config, cfg.llm, directory)
-  notes = []
+  notes = _bt_adapter(cfg, tensors, names)
   if mappings.STLLM_PREFIX + 'down_proj.weight' in names:
     cfg.video_input = 'global_local'
     cfg.global_mlp_dim = int(tensors.read(mappings.STLLM_PREFIX + 'down_proj.weight').shape[0])
@@ -245,6 +240,23 @@ def prepare_stllm(directory: str, base: ml_collections.ConfigDict | None = None,
   tokenizers = {'llm': directory if has_tokenizer(directory) else '', 'qformer': qformer_tokenizer}
   rules = mappings.stllm_rules(hf.rope_inv_freq_check(cfg.llm), cfg.num_local_frames)
   return Prepared('stllm', cfg, tensors, rules, tokenizers, notes, {'kind': 'stllm', 'source': directory})
+
+
+def _bt_adapter(cfg: ml_collections.ConfigDict, tensors: TensorSet, names: list[str]) -> list[str]:
+  """Sets `model.vision.bt_adapter` from the checkpoint's `visual_encoder.BTAdapter_*` tensors (the QA model):
+  the depth from the temporal layers, max_frames from the rows of the frame-position table. Returns the note."""
+  prefix = mappings.STLLM_PREFIX + mappings.BT_ADAPTER_PREFIX
+  depth = mappings.bt_adapter_depth(names, prefix)
+  if not depth:
+    return []
+  adapter = cfg.vision.bt_adapter
+  adapter.depth = depth
+  if prefix + mappings.BT_ADAPTER_POSITION in names:  # without it, the strict load names the missing table
+    adapter.max_frames = int(tensors.read(prefix + mappings.BT_ADAPTER_POSITION).shape[0])
+  first = cfg.vision.depth - depth
+  return [f'BT-Adapter ({prefix}BTAdapter_*, the QA model): {depth} temporal + spatial layer pairs beside ViT '
+          f'blocks {first}..{cfg.vision.depth - 1}, at most {adapter.max_frames} frames per video '
+          f'(model.vision.bt_adapter, params bt_adapter/)']
 
 
 def _local_frames(tensors: TensorSet, names: list[str], requested: int) -> int:

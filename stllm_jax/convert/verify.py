@@ -4,6 +4,9 @@ Both run in float32 on the same random frames and the same random instruction an
 over the whole sequence ([visual tokens : text], every vocabulary entry) are compared. A checkpoint stored in
 bfloat16 is compared with a reference whose weights are rounded to bfloat16, so the error measures the
 conversion, not the precision chosen for storage. Memory: both models at once (float32 torch + ours).
+A model with a BT-Adapter (ST-LLM's QA checkpoint) is compared with `bt_adapter_reference`'s EVA-ViT + adapter
+tower in place of Hugging Face's per-frame ViT (transformers has no adapter), then Hugging Face's ln_vision,
+Q-Former, projection and LLaMA as for the other models.
 """
 
 from __future__ import annotations
@@ -115,12 +118,15 @@ def verify(ckpt: str, spec: SourceSpec, num_frames: int = 0, text_len: int = 16,
                       'against a LLaMA directory, a whole model against an InstructBLIP/LAVIS/ST-LLM source')
     return _verify_llama(ckpt, model, spec, text_len, seed, round_bf16, mesh, log)
   cfg = _float32(model)
+  if cfg.vision.bt_adapter.depth and spec.kind != 'stllm':
+    raise UserError(f'{ckpt} has a BT-Adapter (model.vision.bt_adapter.depth={cfg.vision.bt_adapter.depth}), which '
+                    f'a {spec.kind} source does not hold; it verifies against the ST-LLM QA checkpoint it came from')
   batch = random_batch(cfg, num_frames or default_frames(cfg), text_len, qformer_text_len=8, seed=seed)
   log(f'PyTorch reference from the {spec.kind} source ({", ".join(spec.paths.values())})'
       + (' with weights rounded to bfloat16' if round_bf16 else ''))
-  torch_model, heads = _reference_model(spec, cfg, round_bf16)
-  theirs = reference.stllm_logits(torch_model, heads, cfg, batch)
-  del torch_model, heads
+  torch_reference = _reference_model(spec, cfg, round_bf16)
+  theirs = reference.stllm_logits(torch_reference, cfg, batch)
+  del torch_reference
   log(f'JAX model from {ckpt}')
   params = checkpoints.load_model(ckpt, mesh).params
   ours = jax.jit(lambda p, b: stllm.STLLM(cfg).apply({'params': p}, b))(params, batch)
@@ -128,10 +134,10 @@ def verify(ckpt: str, spec: SourceSpec, num_frames: int = 0, text_len: int = 16,
   return compare(np.asarray(ours), theirs, f'{frames} frames, {text_len} text tokens, seed {seed}')
 
 
-def _reference_model(spec: SourceSpec, cfg: ml_collections.ConfigDict, round_bf16: bool):
+def _reference_model(spec: SourceSpec, cfg: ml_collections.ConfigDict, round_bf16: bool) -> reference.Reference:
   if spec.kind == 'hf-instructblip':
-    model = reference.hf_instructblip(sources.require_dir(spec.paths['source'], 'the source'), round_bf16)
-    return model, {}
+    return reference.Reference(reference.hf_instructblip(sources.require_dir(spec.paths['source'], 'the source'),
+                                                         round_bf16))
   if spec.kind == 'lavis':
     prepared = sources.prepare_lavis(spec.paths['vit'], spec.paths['instructblip'], spec.paths['llm'], cfg,
                                      trust_pickle=spec.trust_pickle)

@@ -1,5 +1,6 @@
-"""A PyTorch EVA-ViT + BT-Adapter vision tower for the tests, written from the structure of the released
-`stllm/models/eva_btadapter.py` (TencentARC/ST-LLM) and independent of stllm_jax.
+"""A PyTorch EVA-ViT + BT-Adapter vision tower, written from the structure of the released
+`stllm/models/eva_btadapter.py` (TencentARC/ST-LLM) and independent of stllm_jax's models: the PyTorch side of
+`convert verify` for ST-LLM's QA model (transformers has no BT-Adapter) and of the adapter's parity tests.
 
 Its parameter names are the released ones, so `state_dict()` has the keys of a released checkpoint's
 `visual_encoder.*`: `cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`, `BTAdapter_cls`,
@@ -95,14 +96,14 @@ class EvaViTWithBTAdapter(nn.Module):
   """video [B, T, 3, H, W] -> tokens [B*T, 1+P, W] for ln_vision."""
 
   def __init__(self, image_size: int, patch_size: int, width: int, depth: int, num_heads: int, mlp_dim: int,
-               adapter_depth: int, max_frames: int):
+               adapter_depth: int, max_frames: int, vit_norm_eps: float = 1e-6):
     super().__init__()
     num_patches = (image_size // patch_size) ** 2
     self.patch_embed = nn.Module()
     self.patch_embed.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
     self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
     self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, width))
-    self.blocks = nn.ModuleList([EvaBlock(width, num_heads, mlp_dim, eps=1e-6) for _ in range(depth)])
+    self.blocks = nn.ModuleList([EvaBlock(width, num_heads, mlp_dim, eps=vit_norm_eps) for _ in range(depth)])
     self.BTAdapter_cls = nn.Parameter(torch.zeros(1, 1, width))
     self.BTAdapter_position = nn.Embedding(max_frames, width)
     self.BTAdapter_T = nn.ModuleList([TemporalLayer(width, num_heads) for _ in range(adapter_depth)])
