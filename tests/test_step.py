@@ -239,3 +239,29 @@ def test_inference_is_deterministic_whatever_the_dropout(tiny_config):
 
 def optax_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def test_lora_follows_the_released_settings_and_drops_out_in_training_only(tiny_config):
+  from stllm_jax import configlib  # pylint: disable=g-import-not-at-top
+  released = configlib.load_config_file('configs/stllm_7b_lora.py').model.llm
+  assert (released.lora_alpha, tuple(released.lora_targets), released.lora_dropout) == (32.0, ('query', 'value'), 0.05)
+  config = tiny_config()
+  config.model.llm.update(lora_rank=4, lora_dropout=0.5)
+  cfg = stllm.model_config(config.model)
+  params = stllm.init_params(config.model, jax.random.key(1))
+  query_lora = params['llm']['blocks']['layers']['attention']['query']['lora']
+  bound = 1 / np.sqrt(config.model.llm.width)  # A: PyTorch's Linear default, as PEFT starts it
+  assert np.abs(np.asarray(query_lora['a'])).max() <= bound and not np.any(np.asarray(query_lora['b']))
+  query_lora['b'] = jnp.ones_like(query_lora['b'])  # a trained adapter: its input's dropout shows
+  batch = {k: v for k, v in next(RandomBatches(config.data, cfg, 2)).items() if k in stllm.BATCH_KEYS}
+  model = STLLM(cfg)
+  train_pass = jax.jit(lambda p, key: model.apply({'params': p}, batch, None, 32, False, rngs={'dropout': key},
+                                                  method='training_pass').text_logits)
+  a, b, c = (np.asarray(train_pass(params, jax.random.key(k))) for k in (1, 1, 2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  inference = jax.jit(lambda p: model.apply({'params': p}, batch))
+  without = STLLM(stllm.model_config(dict(config.model.to_dict(), llm=dict(config.model.llm.to_dict(),
+                                                                            lora_dropout=0.0))))
+  np.testing.assert_array_equal(np.asarray(inference(params)),
+                                np.asarray(jax.jit(lambda p: without.apply({'params': p}, batch))(params)))

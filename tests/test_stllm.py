@@ -137,3 +137,18 @@ def test_global_local_at_initialisation_equals_the_local_frames_alone(rng):
   assert not np.allclose(STLLM(cfg).apply({'params': shifted}, batch), global_local)
   with pytest.raises(ValueError, match='at least num_local_frames=4 frames, got 2'):
     STLLM(cfg).apply({'params': params}, dict(batch, frames=batch['frames'][:, :2]))
+
+
+def test_new_parts_start_as_the_released_code_starts_them(tiny_config):
+  """down_proj: PyTorch's Linear weight, zero bias; up_proj: zeros; MVM head Linear: PyTorch's default
+  (weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+  config = tiny_config()
+  config.model.video_input = 'global_local'
+  config.model.num_local_frames = 2
+  params = stllm.init_params(config.model, jax.random.key(0))
+  bound = 1 / math.sqrt(config.model.llm.width)  # fan_in 64: 0.125
+  for kernel in (params['global_down']['kernel'], params['mvm_dense']['kernel'], params['mvm_dense']['bias']):
+    values = np.asarray(kernel)
+    assert np.abs(values).max() <= bound and abs(values.std() - bound / math.sqrt(3)) < 0.15 * bound
+  assert not np.any(np.asarray(params['global_down']['bias']))
+  assert not np.any(np.asarray(params['global_up']['kernel'])) and not np.any(np.asarray(params['global_up']['bias']))

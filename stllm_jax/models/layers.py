@@ -8,6 +8,7 @@ Every parameter is created through `param_init(init, axes)` so it carries logica
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -63,6 +64,8 @@ class Dense(nn.Module):
   kernel_init: Callable = nn.initializers.normal(0.02)
   lora_rank: int = 0  # > 0 adds a low-rank update (see LoRA)
   lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -76,16 +79,25 @@ class Dense(nn.Module):
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                             ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
-      bias = self.param('bias', param_init(nn.initializers.zeros, self.axes[len(axis):]), features, self.param_dtype)
+      bias = self.param('bias', param_init(self.bias_init, self.axes[len(axis):]), features, self.param_dtype)
       y = y + bias.astype(self.dtype)
     if self.lora_rank:
       y = y + LoRA(self.lora_rank, self.lora_alpha, features, self.axes, len(axis), self.dtype, self.param_dtype,
-                   name='lora')(x, axis)
+                   self.lora_dropout, name='lora')(x, axis)
     return y
 
 
+def torch_linear_init(fan_in: int) -> Callable:
+  """PyTorch's nn.Linear default for its weight and its bias alike: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  (kaiming_uniform with a = sqrt(5) for the weight)."""
+  bound = 1.0 / fan_in ** 0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class LoRA(nn.Module):
-  """Low-rank update (alpha / r) * (x . A) . B of a frozen Dense: A [in..., r] random, B [r, out...] zero.
+  """Low-rank update (alpha / r) * (dropout(x) . A) . B of a frozen Dense, as PEFT computes it: A [in..., r]
+  PyTorch's Linear default, B [r, out...] zero; dropout on the input only in training (when the caller
+  gives a 'dropout' rng, as the training pass does).
 
   B starts at zero, so a model with fresh LoRA weights computes exactly what its base does.
   """
@@ -96,12 +108,15 @@ class LoRA(nn.Module):
   n_in: int  # number of contracted input axes
   dtype: Dtype
   param_dtype: Dtype
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x: Array, axis: tuple[int, ...]) -> Array:
     in_shape = tuple(x.shape[a] for a in axis)
-    a_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', in_axis=tuple(range(self.n_in)), out_axis=-1)
+    a_init = torch_linear_init(math.prod(in_shape))
     a = self.param('a', param_init(a_init, (*self.axes[:self.n_in], None)), (*in_shape, self.rank), self.param_dtype)
+    if self.dropout > 0 and self.has_rng('dropout'):
+      x = nn.Dropout(self.dropout, deterministic=False)(x)
     b = self.param('b', param_init(nn.initializers.zeros, (None, *self.axes[self.n_in:])),
                    (self.rank, *self.features), self.param_dtype)
     h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype), ((axis, tuple(range(self.n_in))), ((), ())))
@@ -111,10 +126,10 @@ class LoRA(nn.Module):
 
 def dense(features, axes: Sequence[str | None], *, name: str | None = None, dtype: Dtype, param_dtype: Dtype,
           axis: int | tuple[int, ...] = -1, use_bias: bool = True, lora_rank: int = 0,
-          lora_alpha: float = 16.0, init_std: float = 0.02) -> Dense:
+          lora_alpha: float = 16.0, lora_dropout: float = 0.0, init_std: float = 0.02) -> Dense:
   """A `Dense` (keyword shorthand used by the towers); kernels start as normal(init_std)."""
   return Dense(features, tuple(axes), axis, use_bias, dtype, param_dtype, nn.initializers.normal(init_std),
-               lora_rank=lora_rank, lora_alpha=lora_alpha, name=name)
+               lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, name=name)
 
 
 class LayerNorm(nn.Module):
@@ -217,7 +232,7 @@ class LayerStack(nn.Module):
     if self.remat_policy != 'none':
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
     kwargs = dict(config=self.config, dtype=self.dtype, attention_impl=self.attention_impl)
-    scan = functools.partial(nn.scan, variable_axes={'params': 0}, split_rngs={'params': True},
+    scan = functools.partial(nn.scan, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                              length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
     first_kept = self.num_layers - keep_last
     if keep_last and self.scan:

@@ -43,12 +43,14 @@ class LlamaConfig:
   remat_policy: str = 'none'
   # LoRA (the paper's low-memory variant): rank 0 = off; targets among query, key, value, out, gate, up, down
   lora_rank: int = 0
-  lora_alpha: float = 16.0
+  lora_alpha: float = 32.0  # the released code's (PEFT's scale alpha / r)
   lora_targets: tuple[str, ...] = ('query', 'value')
+  lora_dropout: float = 0.05  # on the LoRA input, in training only
 
   def lora(self, name: str) -> dict:
     """Dense keyword arguments for the projection `name`."""
-    return dict(lora_rank=self.lora_rank if name in self.lora_targets else 0, lora_alpha=self.lora_alpha)
+    return dict(lora_rank=self.lora_rank if name in self.lora_targets else 0, lora_alpha=self.lora_alpha,
+                lora_dropout=self.lora_dropout)
 
   @property
   def attention_head_dim(self) -> int:

@@ -134,14 +134,18 @@ class STLLM(nn.Module):
                                    param_dtype=layers.as_dtype(cfg.llm.param_dtype), init_std=cfg.llm.init_std)
     self.llm = Llama(cfg.llm, dtype, impl)
     pdt = layers.as_dtype(cfg.llm.param_dtype)
+    # The parts the released code adds to InstructBLIP start as it starts them: down_proj's weight as PyTorch's
+    # Linear default with a zero bias, up_proj all zeros (f_m starts at zero), the MVM head's Linear wholly
+    # PyTorch's default.
+    torch_default = layers.torch_linear_init(cfg.llm.width)
     if cfg.video_input == 'global_local':
-      self.global_down = layers.dense(cfg.global_mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt,
-                                      init_std=cfg.llm.init_std)
+      self.global_down = layers.Dense(cfg.global_mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt,
+                                      kernel_init=torch_default)
       self.global_up = layers.Dense(cfg.llm.width, ('mlp', 'embed'), dtype=dtype, param_dtype=pdt,
-                                    kernel_init=nn.initializers.zeros)  # f_m starts at zero
+                                    kernel_init=nn.initializers.zeros)
     if cfg.mvm_head:
-      self.mvm_dense = layers.dense(cfg.llm.width, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt,
-                                    init_std=cfg.llm.init_std)
+      self.mvm_dense = layers.Dense(cfg.llm.width, ('embed', 'mlp'), dtype=dtype, param_dtype=pdt,
+                                    kernel_init=torch_default, bias_init=torch_default)
       self.mvm_norm = layers.LayerNorm(cfg.mvm_norm_eps, dtype=dtype, param_dtype=pdt)
 
   def vision_tokens(self, frames: Array, deterministic: bool = True) -> Array:
