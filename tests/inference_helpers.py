@@ -71,8 +71,10 @@ def extend_mvbench(root: str) -> None:
     json.dump(table, f, indent=1)
 
 
-def save_tiny_checkpoint(path: str, tokenizers: str, seed: int = 0) -> str:
+def save_tiny_checkpoint(path: str, tokenizers: str, seed: int = 0, adapter_depth: int = 0) -> str:
+  """configs/tiny.py's model with random weights (`adapter_depth` > 0: a QA-style model with a BT-Adapter)."""
   model = configlib.load_config_file(TINY_CONFIG).model
+  model.vision.bt_adapter.depth = adapter_depth
   params = stllm.init_params(model, jax.random.key(seed))
   checkpoints.save_weights(path, params, model.to_dict())
   shutil.copytree(tokenizers, os.path.join(path, checkpoints.TOKENIZERS_DIR))

@@ -11,7 +11,7 @@ import pytest
 
 from data_helpers import decode_all
 import inference_helpers
-from stllm_jax import evaluate, generate
+from stllm_jax import chat, evaluate, generate
 from stllm_jax.data import conversation, inference, synthetic, transforms
 from stllm_jax.errors import UserError
 
@@ -275,3 +275,17 @@ def test_missing_data_root_is_one_line(tmp_path, capsys):
   assert stopped.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'does not exist' in err[0]
+
+
+def test_a_qa_weights_directory_with_the_bt_adapter_chats_and_runs_mvbench(paths, tmp_path, capsys):
+  """The MVBench model (a BT-Adapter beside the ViT): every frame's tokens, through the adapter, in chat and
+  MVBench alike."""
+  qa_weights = inference_helpers.save_tiny_checkpoint(
+      str(tmp_path / 'qa'), os.path.join(os.path.dirname(paths.mvbench), 'tokenizers'), adapter_depth=1)
+  chat.main(['--checkpoint', qa_weights, '--video', paths.video, '--prompt', 'What moves?', '--max-new-tokens', '4'])
+  assert 'ST-LLM: ' in capsys.readouterr().out
+  evaluate.main(['mvbench', '--checkpoint', qa_weights, '--data-root', paths.mvbench, '--tasks', 'Moving Direction',
+                 '--limit', '2', '--out', str(tmp_path / 'eval')])
+  records = [json.loads(line) for line in (tmp_path / 'eval' / 'predictions.jsonl').read_text().splitlines()]
+  assert len(records) == 2 and all(r['frames'] >= 4 and 'error' not in r for r in records)
+  assert 'Moving Direction' in capsys.readouterr().out
