@@ -201,6 +201,7 @@ def test_hosts_get_disjoint_rows_and_the_same_datasets():
 
 
 def test_a_dataset_smaller_than_one_batch_is_refused_unless_left_out(tmp_path, tokenizer_dirs, good_videos):
+  """Left out (weight 0), a dataset is never read: its files need not exist."""
   small = helpers.write_json(str(tmp_path / 'small.json'), good_rows(7))
   big = helpers.write_json(str(tmp_path / 'big.json'), good_rows(16))
   datasets = {'small': pipeline.dataset_entry(small, good_videos), 'big': pipeline.dataset_entry(big, good_videos)}
@@ -208,7 +209,7 @@ def test_a_dataset_smaller_than_one_batch_is_refused_unless_left_out(tmp_path, t
   with pytest.raises(DataError, match=r"dataset 'small' .* has 7 rows, fewer than one batch of 8 \(4 per host x 2 "
                                       r"hosts\).*data.datasets.small.weight=0"):
     pipeline.make_train_iterator(config, 0, 2)
-  config.datasets.small.weight = 0.0
+  config.datasets.small.update(weight=0.0, annotation=str(tmp_path / 'gone.json'))
   assert pipeline.make_train_iterator(config, 0, 2).plan.counts == (2, 0)  # ('big', 'small'): 8 rows per host
 
 

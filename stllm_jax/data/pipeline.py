@@ -345,7 +345,7 @@ class TrainIterator:
     if not 0 <= process_index < process_count:
       raise DataError(f'process_index {process_index} must lie in [0, process_count={process_count})')
     self.cfg = cfg
-    sizes = [len(annotations.load_annotations(spec.annotation)) for spec in cfg.datasets]
+    sizes = [len(annotations.load_annotations(spec.annotation)) if spec.weight > 0 else 0 for spec in cfg.datasets]
     for spec, size in zip(cfg.datasets, sizes):
       if spec.weight > 0 and schedule.epoch_batches(size, cfg.batch_size, process_count) < 1:
         raise DataError(f'dataset {spec.name!r} ({spec.annotation}) has {size} rows, fewer than one batch of '
