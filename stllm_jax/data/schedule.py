@@ -9,9 +9,8 @@ IterLoader in stllm/datasets/datasets/dataloader_utils.py). Every dataset is res
 dealt to the hosts round-robin; a host cuts its share into whole batches and drops the last partial one, so
 one epoch of a dataset of n rows is m = (n // hosts) // B batches (about n / global batch). Batches are dealt in
 blocks: one block holds m batches of every dataset (`by_size`, weight 1), in an order shuffled anew for each
-block, so a block is one epoch of every dataset. Every host
-computes the same order (hosts differ only in which rows they read), so all hosts draw batch k from the same
-dataset and T is constant over the global batch.
+block, so a block is one epoch of every dataset. Every host computes the same order (hosts differ only in which
+rows they read), so all hosts draw batch k from the same dataset and T is constant over the global batch.
 
 A dataset's weight scales its batches per block (`by_size`: round(weight x m); weight 2 reads the dataset
 twice per block, 0 never); `by_weight` shares a block of about one pass over the data in proportion to the
