@@ -7,18 +7,22 @@ the LLM, dynamic masking + MVM, full fine-tuning of the LLM, 2 epochs at batch 1
 Run (one 8-GPU node, or see launch/ for SLURM and TPU pods):
     python -m stllm_jax.train --config configs/stllm_7b.py --workdir runs/stllm_7b
 Needs the converted InstructBLIP-Vicuna-7B weights in checkpoints/instructblip_vicuna7b (README "Weights")
-and the VideoChat2 instruction data in data/videochat2 (README "Data"). Architecture numbers are the
-defaults of stllm_jax.models.stllm.STLLMConfig; this file holds the experiment's choices.
+and the recipe's 7 VideoChat2 instruction datasets under data/videochat2 (README "Data"; the layout is
+stllm_jax/data/videochat2.py). Architecture numbers are the defaults of stllm_jax.models.stllm.STLLMConfig;
+this file holds the experiment's choices.
 configs/stllm_7b_no_adapter.py is the same recipe without the adapter (the model the paper's text describes).
 """
 
 import ml_collections
 
 from stllm_jax import defaults
-from stllm_jax.data import pipeline
+from stllm_jax.data import videochat2
 
 WEIGHTS = 'checkpoints/instructblip_vicuna7b'
-DATA = 'data/videochat2'
+DATA = 'data/videochat2'  # the data root of the 7B configs (configs/stllm_7b_global_local.py reads it too)
+# The released QA recipe's datasets (config/instructblipbase_stllm_qa.yaml), 16 frames each.
+QA_DATASETS = ('caption_videochatgpt', 'classification_k710', 'classification_ssv2', 'reasoning_next_qa',
+               'reasoning_clevrer_qa', 'reasoning_clevrer_mc', 'vqa_webvid_qa')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -32,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.update(epochs=2.0, batch_size=128, grad_accum_steps=16, lr=2e-5, warmup_fraction=0.03,
                       weight_decay=0.0, mvm_weight=1.0, log_every=10, checkpoint_every=500)
   config.init.checkpoint = WEIGHTS
-  config.data.datasets.videochat2 = pipeline.dataset_entry(f'{DATA}/train.json', f'{DATA}/videos', num_frames=16)
+  config.data.datasets = videochat2.dataset_entries(DATA, QA_DATASETS, num_frames=16)
   config.data.llm_tokenizer = f'{WEIGHTS}/tokenizers/llm'
   config.data.qformer_tokenizer = f'{WEIGHTS}/tokenizers/qformer'
   return config

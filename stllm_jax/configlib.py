@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import types
 import typing
 from typing import Any, Mapping, TypeVar
 
@@ -76,8 +77,8 @@ def to_config_dict(instance: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(instance))
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Runs `get_config()` of a config file (as `--config path` does), with a clear error for a bad path."""
+def load_config_module(path: str) -> types.ModuleType:
+  """A config file as a module (its `get_config()` and its constants), with a clear error for a bad path."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file {path!r} does not exist (configs live in configs/, e.g. configs/tiny.py)')
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
@@ -85,4 +86,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise AttributeError(f'{path} has no get_config() function')
-  return module.get_config()
+  return module
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of a config file (as `--config path` does), with a clear error for a bad path."""
+  return load_config_module(path).get_config()

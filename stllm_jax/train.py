@@ -409,17 +409,14 @@ def uses_random_data(config: Any) -> bool:
 
 
 def data_problems(data_config: Any) -> list[str]:
-  """Missing annotation files, media roots and tokenizer directories of `config.data`."""
+  """Missing datasets (annotation files, video directories) and tokenizer directories of `config.data`."""
   try:
     cfg = pipeline.parse_config(data_config)
   except (DataError, ValueError, TypeError) as err:
     return [str(err)]
-  problems = []
-  for spec in cfg.datasets:
-    for what, path, is_there in (('annotation', spec.annotation, os.path.isfile),
-                                 ('media_root', spec.media_root, os.path.isdir)):
-      if not is_there(path):
-        problems.append(f'data.datasets.{spec.name}.{what} {path!r} not found')
+  problems = [problem for problem in map(missing_dataset, cfg.datasets) if problem]
+  if problems:
+    problems.append('a dataset can be left out with --config.data.datasets.NAME.weight=0')
   for what in ('llm_tokenizer', 'qformer_tokenizer'):
     path = getattr(cfg, what)
     if not path or not os.path.isdir(path):
@@ -428,6 +425,16 @@ def data_problems(data_config: Any) -> list[str]:
     problems.append('see README "Data" for the VideoChat2 instruction data layout and where tokenizers come from '
                     '(`python -m stllm_jax.convert` copies them next to the converted weights)')
   return problems
+
+
+def missing_dataset(spec: pipeline.DatasetSpec) -> str:
+  """What of a dataset the run reads is not on disk, and where it goes; '' if nothing (or it is left out)."""
+  if spec.weight == 0:
+    return ''
+  missing = [f'{what} {path}' for what, path, is_there in (('annotation file', spec.annotation, os.path.isfile),
+                                                          ('video directory', spec.media_root, os.path.isdir))
+             if not is_there(path)]
+  return f'dataset {spec.name}: no {" and no ".join(missing)}' if missing else ''
 
 
 def make_data(config: Any, model_cfg: Any, train_cfg: Any):

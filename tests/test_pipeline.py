@@ -125,10 +125,58 @@ def test_missing_annotation_file_stops_at_once(tokenizer_dirs, tmp_path):
 
 def test_block_counts_follow_sizes_and_weights():
   np.testing.assert_array_equal(schedule.block_counts([100, 300], [1, 1], 'by_size', 10, 1), [10, 30])
-  np.testing.assert_array_equal(schedule.block_counts([100, 300], [3, 1], 'by_size', 10, 1), [20, 20])
+  np.testing.assert_array_equal(schedule.block_counts([109, 300], [1, 1], 'by_size', 10, 1), [10, 30])  # 9 dropped
+  np.testing.assert_array_equal(schedule.block_counts([109, 300], [1, 1], 'by_size', 10, 2), [5, 15])  # 54 per host
+  np.testing.assert_array_equal(schedule.block_counts([100, 300], [3, 1], 'by_size', 10, 1), [30, 30])
+  np.testing.assert_array_equal(schedule.block_counts([100, 300], [0.25, 1], 'by_size', 10, 1), [3, 30])  # 2.5 up
+  np.testing.assert_array_equal(schedule.block_counts([100, 300], [0.01, 1], 'by_size', 10, 1), [1, 30])  # >= 1
   np.testing.assert_array_equal(schedule.block_counts([100, 300], [1, 1], 'by_weight', 10, 1), [20, 20])
-  np.testing.assert_array_equal(schedule.block_counts([1000, 5], [1, 1], 'by_size', 10, 1), [100, 1])  # >= 1
   np.testing.assert_array_equal(schedule.block_counts([100, 300], [1, 0], 'by_size', 10, 1), [10, 0])
+
+
+def test_mixture_is_sampled_as_the_released_trainer_samples_it():
+  """The released MetaLoader (stllm/datasets/datasets/dataloader_utils.py) over one DataLoader per dataset
+  (DistributedSampler reshuffled each epoch, drop_last=True), worked by hand: datasets of 10 and 23 rows, batches
+  of 3, one host. An epoch holds 10 // 3 = 3 batches of the first and 23 // 3 = 7 of the second, 10 batches in a
+  shuffled order, a new order each epoch. Each batch is 3 consecutive rows of its dataset's shuffle for that
+  epoch; the last 10 - 9 = 1 and 23 - 21 = 2 rows of each shuffle are dropped, never carried into the next epoch."""
+  sizes, batch_size = (10, 23), 3
+  counts = schedule.block_counts(sizes, [1, 1], 'by_size', batch_size, 1)
+  np.testing.assert_array_equal(counts, [3, 7])
+  plan = schedule.Schedule(sizes, tuple(int(c) for c in counts), batch_size, seed=0, process_index=0,
+                           process_count=1)
+  assert plan.block_size == 10
+  orders = []
+  for epoch in range(3):
+    order = plan.block_order(epoch)
+    assert np.bincount(order).tolist() == [3, 7]
+    orders.append(order.tolist())
+    slots = [plan.row(batch, slot) for batch in range(10 * epoch, 10 * epoch + 10) for slot in range(batch_size)]
+    assert {slot_epoch for _, _, slot_epoch in slots} == {epoch}
+    for dataset, kept in ((0, 9), (1, 21)):
+      rows = [row for slot_dataset, row, _ in slots if slot_dataset == dataset]
+      assert rows == plan.epoch_rows(dataset, epoch)[:kept].tolist()  # in shuffled order, the tail dropped
+  assert orders[0] != orders[1] != orders[2]
+
+
+def test_the_global_batch_is_a_slice_of_its_datasets_shuffle_on_any_number_of_hosts():
+  """As the released DistributedSampler deals one shuffle to the GPUs round-robin: the hosts' batches k together
+  are rows [k G, (k + 1) G) of the dataset's shuffle for that epoch (G = batch per host x hosts)."""
+  sizes, batch_size, hosts = (11, 30), 2, 2
+  counts = tuple(int(c) for c in schedule.block_counts(sizes, [1, 1], 'by_size', batch_size, hosts))
+  assert counts == (2, 7)  # 5 and 15 rows per host
+  plans = [schedule.Schedule(sizes, counts, batch_size, 5, host, hosts) for host in range(hosts)]
+  whole = schedule.Schedule(sizes, counts, batch_size, 5, 0, 1)  # the same shuffles, undealt
+  seen = {0: 0, 1: 0}
+  for batch in range(2 * plans[0].block_size):
+    dataset, chunk = plans[0].locate(batch)
+    epoch, batch_in_epoch = divmod(chunk, counts[dataset])
+    rows = sorted(plan.row(batch, slot)[1] for plan in plans for slot in range(batch_size))
+    global_batch = batch_size * hosts
+    shuffle = whole.epoch_rows(dataset, epoch)
+    assert rows == sorted(shuffle[batch_in_epoch * global_batch:(batch_in_epoch + 1) * global_batch].tolist())
+    seen[dataset] += 1
+  assert seen == {0: 4, 1: 14}
 
 
 def test_schedule_chunks_are_consecutive_and_epochs_cover_every_row():
@@ -150,6 +198,19 @@ def test_hosts_get_disjoint_rows_and_the_same_datasets():
   assert len(rows[0]) == len(rows[1]) == 5 and not rows[0] & rows[1]  # 11 rows: one left out this epoch
   for batch in range(20):
     assert plans[0].locate(batch) == plans[1].locate(batch)
+
+
+def test_a_dataset_smaller_than_one_batch_is_refused_unless_left_out(tmp_path, tokenizer_dirs, good_videos):
+  """Left out (weight 0), a dataset is never read: its files need not exist."""
+  small = helpers.write_json(str(tmp_path / 'small.json'), good_rows(7))
+  big = helpers.write_json(str(tmp_path / 'big.json'), good_rows(16))
+  datasets = {'small': pipeline.dataset_entry(small, good_videos), 'big': pipeline.dataset_entry(big, good_videos)}
+  config = make_config(tokenizer_dirs, datasets)
+  with pytest.raises(DataError, match=r"dataset 'small' .* has 7 rows, fewer than one batch of 8 \(4 per host x 2 "
+                                      r"hosts\).*data.datasets.small.weight=0"):
+    pipeline.make_train_iterator(config, 0, 2)
+  config.datasets.small.update(weight=0.0, annotation=str(tmp_path / 'gone.json'))
+  assert pipeline.make_train_iterator(config, 0, 2).plan.counts == (2, 0)  # ('big', 'small'): 8 rows per host
 
 
 # ----------------------------------------------------------------------------------------- batches

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from stllm_jax import checkpoints, train
+from stllm_jax import checkpoints, configlib, train
 from stllm_jax.errors import UserError
 from stllm_jax.metrics import read_jsonl
 
@@ -63,13 +63,48 @@ def test_sharded_run_and_exact_resume_after_sigkill(tmp_path, env, report):
   assert compiled <= 2  # 2 visual buckets x 1 text bucket
 
 
-def test_first_run_of_the_7b_config_names_what_is_missing(tmp_path, env):
-  result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', 'configs/stllm_7b.py',
-                           f'--workdir={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+QA_DATASETS = {  # the released QA recipe's datasets -> annotation file and video directory under data/videochat2
+    'caption_videochatgpt': ('video/conversation/videochatgpt/train_full_flat.json', 'ANet/ANet_320p_fps30'),
+    'classification_k710': ('video/classification/k710/train.json', 'k710'),
+    'classification_ssv2': ('video/classification/ssv2/train.json', 'video_pub/ssv2_video'),
+    'reasoning_next_qa': ('video/reasoning/next_qa/train.json', 'nextqa'),
+    'reasoning_clevrer_qa': ('video/reasoning/clevrer_qa/train.json', 'clevrer/video_train'),
+    'reasoning_clevrer_mc': ('video/reasoning/clevrer_mc/train.json', 'clevrer/video_train'),
+    'vqa_webvid_qa': ('video/vqa/webvid_qa/train.json', 'WebVid2M'),
+}
+CONVERSATION_DATASETS = {  # the released conversation recipe's
+    'caption_videochat': ('video/caption/videochat/train.json', 'WebVid10M'),
+    'conversation_videochat1': ('video/conversation/videochat1/train_flat.json', 'WebVid10M'),
+    'caption_videochatgpt': ('video/conversation/videochatgpt/train_full_flat.json', 'ANet/ANet_320p_fps30'),
+    'caption_webvid': ('video/caption/webvid/train.json', 'WebVid2M'),
+    'vqa_webvid_qa': ('video/vqa/webvid_qa/train.json', 'WebVid2M'),
+}
+
+
+@pytest.mark.parametrize('config, datasets', [('stllm_7b.py', QA_DATASETS),
+                                              ('stllm_7b_global_local.py', CONVERSATION_DATASETS)])
+def test_first_run_of_a_7b_config_names_every_missing_dataset_and_where_it_goes(tmp_path, env, config, datasets):
+  workdir = tmp_path / 'run'
+  result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', f'configs/{config}',
+                           f'--workdir={workdir}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert 'Traceback' not in result.stderr
   assert 'cannot start training' in result.stderr
-  assert 'python -m stllm_jax.convert' in result.stderr
+  assert 'python -m stllm_jax.convert' in result.stderr  # the weights are missing too
+  for name, (annotation, videos) in datasets.items():
+    assert (f'dataset {name}: no annotation file data/videochat2/VideoChat2-IT/{annotation} and no video directory '
+            f'data/videochat2/videos/{videos}\n') in result.stderr
+  assert result.stderr.count('  - dataset ') == len(datasets)
+  assert 'README "Data"' in result.stderr
+  assert not workdir.exists()  # stopped before anything else: no workdir, no weights read, no data opened
+
+
+def test_first_run_message_leaves_out_a_dataset_of_weight_0():
+  config = configlib.load_config_file(os.path.join(ROOT, 'configs', 'stllm_7b.py'))
+  config.data.datasets.classification_k710.weight = 0.0
+  missing = [problem for problem in train.data_problems(config.data) if problem.startswith('dataset ')]
+  assert sorted(problem.split(':')[0] for problem in missing) == sorted(
+      f'dataset {name}' for name in QA_DATASETS if name != 'classification_k710')
 
 
 def test_bad_config_value_is_one_message(tmp_path, env):

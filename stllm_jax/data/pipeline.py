@@ -59,7 +59,7 @@ from stllm_jax.data import annotations, conversation, schedule, transforms
 from stllm_jax.data.errors import REASONS, DataError, SampleError
 from stllm_jax.data.samples import SampleOptions, load_training_sample
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: each dataset epoch drops its last partial batch (schedule.py)
 MAX_REPORTED_FAILURES = 5
 
 
@@ -72,7 +72,7 @@ class DatasetSpec:
   annotation: str  # VideoChat2-format JSON list
   media_root: str  # row["video"] is relative to it
   num_frames: int = 16  # T for every batch of this dataset
-  weight: float = 1.0  # relative share of batches (see data.mixing)
+  weight: float = 1.0  # share of batches; 'by_size': its epochs per epoch of the mixture (data.mixing); 0: unread
   folder_fps: float = 3.0  # frame rate of media stored as folders of frame images
 
 
@@ -92,7 +92,9 @@ class DataConfig:
   qformer_max_length: int = conversation.QFORMER_MAX_LENGTH  # left truncation of the Q-Former text
   batch_size: int = 128  # per host; train.py sets it to train.batch_size / number of hosts
   seed: int = 0
-  mixing: str = 'by_size'  # 'by_size': batches per dataset ~ weight x rows (as the original); 'by_weight'
+  # 'by_size': an epoch holds round(weight x whole batches of its rows) batches of each dataset (weight 1: every
+  # dataset once, as the released trainer); 'by_weight': batches in proportion to the weights alone (schedule.py)
+  mixing: str = 'by_size'
   num_workers: int = 8  # decoding processes per host; 0 decodes in the main process
   worker_buffer_size: int = 4  # samples each worker prepares ahead
   max_failure_share: float = 0.2  # stop when a larger share of a dataset's samples fails...
@@ -343,13 +345,13 @@ class TrainIterator:
     if not 0 <= process_index < process_count:
       raise DataError(f'process_index {process_index} must lie in [0, process_count={process_count})')
     self.cfg = cfg
-    sizes = []
-    for spec in cfg.datasets:
-      size = len(annotations.load_annotations(spec.annotation))
-      if size < process_count:
-        raise DataError(f'dataset {spec.name!r} ({spec.annotation}) has {size} rows, fewer than the '
-                        f'{process_count} hosts that share it')
-      sizes.append(size)
+    sizes = [len(annotations.load_annotations(spec.annotation)) if spec.weight > 0 else 0 for spec in cfg.datasets]
+    for spec, size in zip(cfg.datasets, sizes):
+      if spec.weight > 0 and schedule.epoch_batches(size, cfg.batch_size, process_count) < 1:
+        raise DataError(f'dataset {spec.name!r} ({spec.annotation}) has {size} rows, fewer than one batch of '
+                        f'{cfg.batch_size * process_count} ({cfg.batch_size} per host x {process_count} hosts), so '
+                        f'an epoch of it holds no whole batch; add rows, use a smaller batch, or leave it out with '
+                        f'data.datasets.{spec.name}.weight=0')
     counts = schedule.block_counts(sizes, [s.weight for s in cfg.datasets], cfg.mixing, cfg.batch_size,
                                    process_count)
     self.plan = schedule.Schedule(tuple(sizes), tuple(int(c) for c in counts), cfg.batch_size, cfg.seed,
@@ -363,7 +365,7 @@ class TrainIterator:
 
   @property
   def batches_per_epoch(self) -> int:
-    """Batches of one pass over the data (one schedule block)."""
+    """Batches of one epoch: one schedule block (every dataset's whole batches once, at weight 1)."""
     return self.plan.block_size
 
   # -- iteration

@@ -1,26 +1,28 @@
 """Which annotation row fills each slot of each batch: a pure function of (seed, batch, slot, host).
 
     batch k --block schedule--> dataset d and that dataset's chunk c
-    slot j of batch k --> position p = c * B + j in dataset d's stream on this host
-    p --> epoch e = p // n, row = permutation(seed, d, e)[host :: hosts][p % n]   (n = rows per host)
+    chunk c of dataset d --> epoch e = c // m, batch b = c % m of it     (m = whole batches of d per epoch)
+    slot j --> row = permutation(seed, d, e)[host :: hosts][b * B + j]   (B = batch size per host)
 
-Batches are dealt in blocks. One block holds, for every dataset, a number of batches proportional to its
-weight (`by_size`: weight x number of rows, as the original's loader that visits every dataset's batches
-once per epoch; `by_weight`: weight alone); every dataset with a positive weight gets at least one batch
-per block, and the order inside a block is shuffled by the seed. A block has about as many batches as one
-pass over all the data. Every host computes the same schedule (hosts differ only in which rows they read),
-so all hosts draw batch k from the same dataset and T is constant over the global batch.
+This is the released trainer's rule (stllm/train/stllm_trainer.py `get_train_dataloader`, MetaLoader and
+IterLoader in stllm/datasets/datasets/dataloader_utils.py). Every dataset is reshuffled each of its epochs and
+dealt to the hosts round-robin; a host cuts its share into whole batches and drops the last partial one, so
+one epoch of a dataset of n rows is m = (n // hosts) // B batches (about n / global batch). Batches are dealt in
+blocks: one block holds m batches of every dataset (`by_size`, weight 1), in an order shuffled anew for each
+block, so a block is one epoch of every dataset. Every host computes the same order (hosts differ only in which
+rows they read), so all hosts draw batch k from the same dataset and T is constant over the global batch.
 
-Each epoch reshuffles a dataset's rows and deals them to hosts round-robin; the last `rows % hosts` rows of
-an epoch's permutation are left out so every host sees the same number per epoch.
-A slot whose sample fails is refilled from a random row of the same dataset and epoch (attempt a >= 1).
+A dataset's weight scales its batches per block (`by_size`: round(weight x m); weight 2 reads the dataset
+twice per block, 0 never); `by_weight` shares a block of about one pass over the data in proportion to the
+weights alone. The released trainer has no weights (every weight is 1 there).
+The last `rows % hosts` rows of an epoch's permutation are left out so every host sees the same number per
+epoch. A slot whose sample fails is refilled from a random row of the same dataset and epoch (attempt a >= 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import numpy as np
@@ -29,22 +31,34 @@ MIXING = ('by_size', 'by_weight')
 _STREAM_SALT, _BLOCK_SALT, _RETRY_SALT, _SAMPLE_SALT = 1, 2, 3, 4
 
 
+def epoch_batches(size: int, batch_size: int, process_count: int) -> int:
+  """Whole batches of one epoch of a dataset of `size` rows on each host (the last partial batch is dropped)."""
+  return (size // process_count) // batch_size
+
+
 def block_counts(sizes: Sequence[int], weights: Sequence[float], mixing: str, batch_size: int,
                  process_count: int) -> np.ndarray:
-  """Batches of each dataset in one block: int64 [D] (largest-remainder apportionment, >= 1 if weight > 0)."""
-  sizes = np.asarray(sizes, np.float64)
-  weights = np.asarray(weights, np.float64)
+  """Batches of each dataset in one block: int64 [D] (>= 1 if weight > 0; see the module docstring)."""
   if mixing not in MIXING:
     raise ValueError(f'data.mixing={mixing!r}; choose one of {MIXING}')
-  used = weights > 0  # a block is about one pass over the datasets that are read at all
-  total = int(sum(math.ceil(s / (batch_size * process_count)) for s in sizes[used]))
-  share = weights * sizes if mixing == 'by_size' else weights.copy()
-  share = share / share.sum() * max(total, 1)
+  weights = np.asarray(weights, np.float64)
+  per_epoch = np.asarray([epoch_batches(s, batch_size, process_count) for s in sizes], np.float64)
+  used = weights > 0
+  if mixing == 'by_size':
+    counts = np.floor(weights * per_epoch + 0.5).astype(np.int64)
+  else:
+    counts = _apportion(weights, total=int(per_epoch[used].sum()))
+  counts[(counts == 0) & used] = 1
+  return counts
+
+
+def _apportion(weights: np.ndarray, total: int) -> np.ndarray:
+  """`total` split in proportion to `weights` (largest remainders)."""
+  share = weights / weights.sum() * max(total, 1)
   counts = np.floor(share).astype(np.int64)
   remainder = int(round(share.sum())) - int(counts.sum())
   for d in np.argsort(-(share - counts), kind='stable')[:max(remainder, 0)]:
     counts[d] += 1
-  counts[(counts == 0) & (weights > 0)] = 1
   return counts
 
 
@@ -63,6 +77,10 @@ class Schedule:
 
   def rows_per_host(self, dataset: int) -> int:
     return self.sizes[dataset] // self.process_count
+
+  def epoch_batches(self, dataset: int) -> int:
+    """Whole batches of one epoch of `dataset` on each host."""
+    return epoch_batches(self.sizes[dataset], self.batch_size, self.process_count)
 
   def block_order(self, block: int) -> np.ndarray:
     """Dataset of each batch of a block: int64 [block_size]."""
@@ -83,12 +101,11 @@ class Schedule:
   def row(self, batch: int, slot: int, attempt: int = 0) -> tuple[int, int, int]:
     """(dataset, annotation row index, epoch) for a slot; attempt >= 1 draws a random replacement row."""
     dataset, chunk = self.locate(batch)
-    n = self.rows_per_host(dataset)
-    position = chunk * self.batch_size + slot
-    epoch, within = divmod(position, n)
+    epoch, batch_in_epoch = divmod(chunk, self.epoch_batches(dataset))
+    within = batch_in_epoch * self.batch_size + slot
     if attempt > 0:
       rng = np.random.default_rng([self.seed, _RETRY_SALT, self.process_index, batch, slot, attempt])
-      within = int(rng.integers(n))
+      within = int(rng.integers(self.rows_per_host(dataset)))
     return dataset, int(self.epoch_rows(dataset, epoch)[within]), epoch
 
   def sample_rng(self, batch: int, slot: int, attempt: int) -> np.random.Generator:
