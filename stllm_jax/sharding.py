@@ -4,7 +4,7 @@ Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with paramet
 optimizer state sharded), `tensor` (heads and MLP width split across devices). Parameters carry logical
 names (`embed`, `mlp`, `heads`, ...; see `models/layers.py`), activations `activation_*` names.
 A dimension a mesh axis does not divide (Q-Former's 12 heads on tensor=8, the 32001-row vocab) is
-replicated instead of sharded, and `describe_fallbacks` names each such case.
+replicated instead of sharded (`spec_for` notes each such case).
 """
 
 from __future__ import annotations
@@ -122,17 +122,6 @@ def param_shardings(abstract_variables: Any, mesh: Mesh) -> Any:
   """Boxed abstract params (from `jax.eval_shape(model.init, ...)`) -> a matching tree of NamedShardings."""
   return jax.tree_util.tree_map(lambda box: NamedSharding(mesh, spec_for(box.value.shape, box.names, mesh)[0]),
                                 _params(abstract_variables), is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def describe_fallbacks(abstract_variables: Any, mesh: Mesh) -> list[str]:
-  """One line per parameter dimension that the mesh cannot split and that is therefore replicated."""
-  lines = []
-  leaves = jax.tree_util.tree_flatten_with_path(_params(abstract_variables),
-                                                is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-  for path, box in leaves:
-    for note in spec_for(box.value.shape, box.names, mesh)[1]:
-      lines.append(f'{jax.tree_util.keystr(path)}: {note}')
-  return lines
 
 
 def _params(variables: Any) -> Any:

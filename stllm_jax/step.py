@@ -104,10 +104,6 @@ class TrainState:
 
 # ------------------------------------------------------------------------------------------ parameters
 
-def path_str(path) -> str:
-  return '/'.join(str(getattr(k, 'key', k)) for k in path)
-
-
 def is_frozen(path: str, patterns: tuple[str, ...]) -> bool:
   return any(re.fullmatch(p, path) for p in patterns)
 

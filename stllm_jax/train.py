@@ -89,7 +89,7 @@ def enable_compilation_cache() -> None:
 def train(config: Any, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
 
-  model_cfg, train_cfg = _validated(config)
+  model_cfg, train_cfg = validated(config)
   preflight(config)
   check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
@@ -378,7 +378,8 @@ def _by_reason(counts: dict[str, int]) -> str:
 
 # ----------------------------------------------------------------------------------------------- pieces
 
-def _validated(config: Any):
+def validated(config: Any) -> tuple[stllm.STLLMConfig, step.TrainConfig]:
+  """(model config, train config), checked as a run needs them (UserError naming what is wrong)."""
   try:
     model_cfg, train_cfg = stllm.model_config(config.model), step.train_config(config.train)
   except (ValueError, TypeError, KeyError) as err:

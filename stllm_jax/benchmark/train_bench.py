@@ -46,7 +46,7 @@ class JaxTrainer:
 
 def validated(config: Any) -> tuple[stllm.STLLMConfig, step.TrainConfig]:
   """(model config, train config) checked as training checks them, for a random-batch config."""
-  model_cfg, train_cfg = train_lib._validated(config)  # pylint: disable=protected-access
+  model_cfg, train_cfg = train_lib.validated(config)
   if config.data.get('source') != 'random':
     raise UserError('the benchmark runs on random batches: the config needs config.data = defaults.random_data(...)')
   return model_cfg, train_cfg
