@@ -12,7 +12,7 @@ from PIL import Image
 
 import inference_helpers
 import serve_browser
-from data_helpers import decode_all
+from data_helpers import decode_all, write_video
 from stllm_jax import chat, checkpoints, configlib, generate, serve
 from stllm_jax.data import transforms
 from stllm_jax.errors import UserError
@@ -91,6 +91,17 @@ def test_a_video_shows_its_frames_with_their_times(server, paths):
   again, strip, status, _, _ = server.change_frames(session, 'auto')
   assert strip.count('<figure>') == 4 and '4 frames (1 per second, 4-16)' in status
   assert again.conversation.history == []
+
+
+def test_every_kind_of_video_it_takes_opens(server, paths, tmp_path):
+  frames = decode_all(paths.video)  # 16 frames, 64x64
+  kinds = {'clip.webm': dict(codec='libvpx-vp9'), 'clip.mkv': {}, 'clip.avi': dict(codec='mpeg4'),
+           'CLIP.GIF': dict(codec='gif')}
+  for name, options in kinds.items():
+    path = write_video(str(tmp_path / name), frames, fps=8, **options)
+    session, strip, status, _, _ = server.choose_video(path, '4')
+    assert session is not None and strip.count('<figure>') == 4, status
+    assert status.startswith(f'video **{name}**: ') and '4 frames (4 segment middles)' in status, status
 
 
 def test_files_it_cannot_use_are_one_message_and_it_goes_on(server, paths, tmp_path):
