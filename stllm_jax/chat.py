@@ -125,7 +125,10 @@ class Conversation:
       return conversation.encode_turns(tokenizer, conversation.chat_turns(self.history, question))
     return conversation.encode_prompt(tokenizer, conversation.qa_prompt(question, with_system=True))
 
-  def ask(self, question: str) -> tuple[generate.Generation, generate.GenerationStats]:
+  def ask(self, question: str, on_tokens: Callable[[list[np.ndarray]], None] | None = None
+          ) -> tuple[generate.Generation, generate.GenerationStats]:
+    """The answer to `question` and its speed; `on_tokens` sees the ids generated so far after every step
+    (VideoGenerator.generate)."""
     prompt_ids = self.prompt_ids(question)
     request = generate.Request(self.frames, question, prompt_ids)
     config = self.config
@@ -133,7 +136,8 @@ class Conversation:
       context = self.generator.config.num_visual_tokens(self.frames.shape[0]) + len(prompt_ids)
       room = self.generator.max_positions - context + generate.context_cut(context, config)
       config = dataclasses.replace(config, max_new_tokens=max(1, min(config.max_new_tokens, room)))
-    (result,), stats = self.generator.generate([request], config, self.seed + self.questions_asked)
+    (result,), stats = self.generator.generate([request], config, self.seed + self.questions_asked,
+                                               on_tokens=on_tokens)
     self.questions_asked += 1
     if self.multi_turn:
       self.history.append((question, result.text))

@@ -432,22 +432,16 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
     tok = lambda name: os.path.join(tokenizers, name) if os.path.isdir(os.path.join(tokenizers, name)) else ''
     return LoadedModel(model, load_weights(path, abstract), tok('llm'), tok('qformer'), f'weights {path}')
   run_dir = os.path.join(path, 'checkpoints')
-  not_a_model = UserError(f'{path} is neither a weights directory (with {MODEL_JSON} and {PARAMS_DIR}/) nor a '
-                          f'training workdir with a checkpoint (in {run_dir}/)')
-  if not os.path.isdir(run_dir):  # checked first: opening a manager would create the directory
-    raise not_a_model
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
-  with _orbax_quiet(), ocp.CheckpointManager(os.path.abspath(run_dir), options=options,
-                                             item_names=('state', 'extra')) as manager:
-    latest = manager.latest_step()
-    if latest is None:
-      raise not_a_model
-    where = f'checkpoint step {latest} in {os.path.abspath(run_dir)}'
-    try:
-      extra = manager.restore(latest, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
-      config = ml_collections.ConfigDict(extra['config'])
-    except Exception as error:  # a damaged JSON item  # pylint: disable=broad-except
-      raise _damaged(where, f'its JSON item cannot be read ({_read_error(error)})') from None
+  found = latest_run_extra(path)
+  if found is None:
+    raise UserError(f'{path} is neither a weights directory (with {MODEL_JSON} and {PARAMS_DIR}/) nor a '
+                    f'training workdir with a checkpoint (in {run_dir}/)')
+  latest, extra = found
+  where = f'checkpoint step {latest} in {os.path.abspath(run_dir)}'
+  try:
+    config = ml_collections.ConfigDict(extra['config'])
+  except Exception as error:  # a damaged JSON item  # pylint: disable=broad-except
+    raise _damaged(where, f'its JSON item cannot be read ({_read_error(error)})') from None
   resolve = functools.partial(resolve_run_path, origin=extra.get('origin', {}), workdir=path)
   config.init.checkpoint = resolve(config.init.checkpoint)
   if config.init.checkpoint and not os.path.isdir(config.init.checkpoint):
@@ -475,6 +469,24 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
   data = config.get('data', {})
   return LoadedModel(config.model, params, resolve(data.get('llm_tokenizer', '')),
                      resolve(data.get('qformer_tokenizer', '')), f'step {latest} of the run in {path}')
+
+
+def latest_run_extra(workdir: str) -> tuple[int, dict] | None:
+  """(the newest step of the training run in `workdir`, that step's JSON item: config, origin, fingerprints); None
+  where the workdir has no checkpoint. DamagedCheckpoint if the JSON item cannot be read."""
+  run_dir = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if not os.path.isdir(run_dir):  # checked first: opening a manager would create the directory
+    return None
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+  with _orbax_quiet(), ocp.CheckpointManager(run_dir, options=options, item_names=('state', 'extra')) as manager:
+    latest = manager.latest_step()
+    if latest is None:
+      return None
+    try:
+      return latest, manager.restore(latest, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+    except Exception as error:  # a damaged JSON item  # pylint: disable=broad-except
+      raise _damaged(f'checkpoint step {latest} in {run_dir}',
+                     f'its JSON item cannot be read ({_read_error(error)})') from None
 
 
 def run_origin(workdir: str) -> dict[str, str]:

@@ -27,7 +27,12 @@ API
     SpecialIds(eos, pad, stop_sequences)     token ids the loop needs; special_ids(tokenizer, stop_strings)
     decode(llm, llm_params, embeddings, mask, rng, config, ids) -> (tokens [B, N], lengths [B])   (pure, jittable)
     VideoGenerator(model_config, params, llm_tokenizer, qformer_tokenizer)
-        .generate(requests, config, seed) -> (list[Generation], GenerationStats)
+        .generate(requests, config, seed, on_tokens=None) -> (list[Generation], GenerationStats)
+
+Streaming: given `on_step`, the loops call it on the host after every step (a `jax.debug.callback` inside the
+loop) with the step count and the ids so far; `VideoGenerator.generate(..., on_tokens=f)` compiles that variant
+once per shape bucket beside the silent one, and hands `f` each request's ids so far (beam search: the best open
+beam's, which a later step may replace). Without it nothing is called and the program is the silent one.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +53,8 @@ from stllm_jax.models.llama import KVCache, Llama, init_cache
 
 NEG_INF = -1.0e9  # what Hugging Face's beam search adds to rule a candidate out
 PREFIX_BUCKET = 128  # prompt lengths (visual + text) are rounded up to a multiple of this
+# Host side of streaming: (steps done, ids [B, N] of which the first `steps` per row are generated so far).
+StepCallback = Callable[[Any, Any], None]
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -193,16 +200,17 @@ def _window_size(ids: SpecialIds) -> int:
 
 
 def decode(llm: Llama, params: Any, embeddings: Array, mask: Array, rng: Array, config: GenerationConfig,
-           ids: SpecialIds) -> tuple[Array, Array]:
+           ids: SpecialIds, on_step: StepCallback | None = None) -> tuple[Array, Array]:
   """Generates after left-padded prefixes: embeddings [B, P, D], mask [B, P] -> (tokens int32 [B, N] with
-  the pad id after each row's end, lengths int32 [B] counting the closing EOS / stop tokens)."""
+  the pad id after each row's end, lengths int32 [B] counting the closing EOS / stop tokens). `on_step`, if
+  given, is called on the host after every step (see the module docstring)."""
   if config.num_beams > 1:
-    return beam_search(llm, params, embeddings, mask, rng, config, ids)
-  return sample(llm, params, embeddings, mask, rng, config, ids)
+    return beam_search(llm, params, embeddings, mask, rng, config, ids, on_step)
+  return sample(llm, params, embeddings, mask, rng, config, ids, on_step)
 
 
 def sample(llm: Llama, params: Any, embeddings: Array, mask: Array, rng: Array, config: GenerationConfig,
-           ids: SpecialIds) -> tuple[Array, Array]:
+           ids: SpecialIds, on_step: StepCallback | None = None) -> tuple[Array, Array]:
   """Greedy (or sampled, with `do_sample`) decoding; arguments and results as `decode`."""
   batch, prefix = mask.shape
   steps, window = config.max_new_tokens, _window_size(ids)
@@ -231,6 +239,8 @@ def sample(llm: Llama, params: Any, embeddings: Array, mask: Array, rng: Array, 
     recent = jax.lax.dynamic_slice_in_dim(tokens, t + 1, window, axis=1)  # [B, window], ending at this token
     ended = (token == ids.eos) | ends_with_stop(recent, ids.stop_sequences)
     lengths = jnp.where(s['finished'], s['lengths'], t + 1)
+    if on_step is not None:
+      jax.debug.callback(on_step, t + 1, tokens[:, window:], ordered=True)
     slot_mask = s['slot_mask'].at[:, prefix + t].set(1)
     logits, cache = decode_step(llm, params, token, slot_mask, s['positions'], s['cache'])
     return dict(step=t + 1, logits=logits, cache=cache, slot_mask=slot_mask, positions=s['positions'] + 1,
@@ -249,8 +259,9 @@ def _gather_beams(x: Array, beam_index: Array) -> Array:
 
 
 def beam_search(llm: Llama, params: Any, embeddings: Array, mask: Array, rng: Array, config: GenerationConfig,
-                ids: SpecialIds) -> tuple[Array, Array]:
-  """Beam search with `config.num_beams` beams (1 works too); returns the best finished hypothesis per row."""
+                ids: SpecialIds, on_step: StepCallback | None = None) -> tuple[Array, Array]:
+  """Beam search with `config.num_beams` beams (1 works too); returns the best finished hypothesis per row.
+  `on_step` sees the best open beam of each row."""
   del rng  # deterministic
   batch, prefix = mask.shape
   beams, steps, window = config.num_beams, config.max_new_tokens, _window_size(ids)
@@ -293,6 +304,8 @@ def beam_search(llm: Llama, params: Any, embeddings: Array, mask: Array, rng: Ar
     new_running = _gather_beams(sequences, keep)
     new_running_scores = _gather_beams(open_scores, keep)
     new_parent = _gather_beams(parent, keep)  # [B, beams], index among the previous beams
+    if on_step is not None:
+      jax.debug.callback(on_step, t + 1, new_running[:, 0, window:], ordered=True)
 
     # candidates that just finished join the finished list if they beat its worst
     normalised = top_scores / ((t + 1).astype(jnp.float32) ** config.length_penalty)
@@ -405,6 +418,7 @@ class VideoGenerator:
     self.qformer_buckets = tuple(b for b in (32, 64, 128) if b < longest) + (longest,)
     self.llm = Llama(cfg.llm, layers.as_dtype(cfg.dtype), stllm.ATTENTION_IMPLS[cfg.attention_impl])
     self._compiled: dict[Any, Any] = {}
+    self._token_listener: Callable[[list[np.ndarray]], None] | None = None  # of the streaming call running now
 
   @property
   def max_positions(self) -> int:
@@ -436,9 +450,17 @@ class VideoGenerator:
     program, compile_seconds = self._program(('visual', frames.shape, qids.shape, length), encode, *args)
     return program(*args), cfg.num_visual_tokens(frames.shape[0]) - skip, compile_seconds
 
-  def generate(self, requests: Sequence[Request], config: GenerationConfig, seed: int = 0
+  def _hand_over_tokens(self, steps: Any, tokens: Any) -> None:
+    """The streaming programs' host callback: each row's first `steps` ids to the listener of the running call."""
+    self._token_listener([row[:int(steps)] for row in np.asarray(tokens)])
+
+  def generate(self, requests: Sequence[Request], config: GenerationConfig, seed: int = 0,
+               on_tokens: Callable[[list[np.ndarray]], None] | None = None
                ) -> tuple[list[Generation], GenerationStats]:
-    """Answers for a batch of requests (one compiled program per batch size x prefix bucket x config)."""
+    """Answers for a batch of requests (one compiled program per batch size x prefix bucket x config, and one
+    more where `on_tokens` streams). `on_tokens`, if given, is called after every decoding step with each
+    request's generated ids so far (int32 arrays; beam search: the best open beam's, which may still change);
+    not thread-safe: one call at a time per generator."""
     config.validate()
     stats = GenerationStats()
     full_visual = [self.config.num_visual_tokens(r.frames.shape[0]) for r in requests]
@@ -470,17 +492,24 @@ class VideoGenerator:
     text_lengths = np.asarray([len(r.prompt_ids) for r in requests], np.int32)
     ids = special_ids(self.llm_tokenizer, config.stop_strings)
     llm = self.llm
+    streaming = on_tokens is not None
+    on_step = self._hand_over_tokens if streaming else None
 
     def run(llm_params, visual, num_visual, text_ids, text_lengths, rng):
       embeddings, mask = assemble_prefix(llm, llm_params, visual, num_visual, text_ids, text_lengths)
-      return decode(llm, llm_params, embeddings, mask, rng, config, ids)
+      return decode(llm, llm_params, embeddings, mask, rng, config, ids, on_step)
 
     args = (self.params['llm'], visual, np.asarray(num_visual, np.int32), text_ids, text_lengths,
             jax.random.key(seed))
-    program, compile_seconds = self._program(('generate', len(requests), length, config, ids), run, *args)
+    program, compile_seconds = self._program(('generate', len(requests), length, config, ids, streaming), run,
+                                             *args)
     stats.compile_seconds += compile_seconds
     began = time.perf_counter()
-    tokens, lengths = (np.asarray(x) for x in program(*args))
+    self._token_listener = on_tokens
+    try:
+      tokens, lengths = (np.asarray(x) for x in program(*args))
+    finally:
+      self._token_listener = None
     stats.seconds = time.perf_counter() - began
     stats.new_tokens = int(lengths.sum())
     results = []

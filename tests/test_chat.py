@@ -68,7 +68,7 @@ def test_defaults_are_the_released_demo(paths, monkeypatch, capsys):
       max_new_tokens=300, num_beams=5, repetition_penalty=1.5, min_new_tokens=1, do_sample=False, context_limit=2000)
   seen = []
 
-  def fake_generate(self, requests, config, seed=0):
+  def fake_generate(self, requests, config, seed=0, on_tokens=None):
     seen.append((requests[0], config))
     return [generate.Generation('A red circle.', np.array([5], np.int32), 0)], generate.GenerationStats()
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import inference_helpers
 from conftest import hf_visual_tokens, random_batch, torch_images
 from stllm_jax import generate
-from stllm_jax.data import conversation
+from stllm_jax.data import conversation, inference
 from stllm_jax.generate import GenerationConfig, SpecialIds
 from stllm_jax.models import llama, stllm
 from stllm_jax.models.llama import Llama
@@ -240,6 +241,30 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(converted, rng):
   first, again, other = (ours(converted, batch, hot, seed=s) for s in (1, 1, 2))
   assert first == again
   assert first != other
+
+
+@pytest.mark.parametrize('beams', [1, 3])
+def test_streaming_hands_over_every_step_and_answers_the_same(beams):
+  paths = inference_helpers.build()
+  generator = generate.load_generator(paths.checkpoint)
+  loaded = inference.load_video_with_policy(paths.video, inference.FramePolicy('middle', 4),
+                                            generator.config.vision.image_size)
+  tok = generator.llm_tokenizer
+  requests = [generate.Request(loaded.frames, q, conversation.encode_turns(tok, conversation.chat_turns([], q)))
+              for q in ('What moves?', 'Which colour is the moving shape?')]
+  config = GenerationConfig(max_new_tokens=10, num_beams=beams, repetition_penalty=1.3, min_new_tokens=1)
+  silent, _ = generator.generate(requests, config)
+  steps = []
+  streamed, _ = generator.generate(requests, config, on_tokens=steps.append)
+  assert [r.token_ids.tolist() for r in streamed] == [r.token_ids.tolist() for r in silent]
+  assert steps and all([len(ids) for ids in step] == [k + 1, k + 1] for k, step in enumerate(steps))
+  if beams == 1:  # greedy: each step extends the last, and the last holds the answers
+    assert len(steps) == max(len(r.token_ids) for r in streamed)
+    for row, result in enumerate(streamed):
+      assert steps[-1][row][:len(result.token_ids)].tolist() == result.token_ids.tolist()
+      assert all(step[row].tolist() == steps[-1][row][:k + 1].tolist() for k, step in enumerate(steps))
+  _, stats = generator.generate(requests, config, on_tokens=lambda ids: None)
+  assert stats.compile_seconds == 0  # the streaming program is kept like the silent one
 
 
 def test_top_k_top_p_filter():
