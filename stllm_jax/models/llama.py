@@ -81,11 +81,15 @@ def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def causal_mask(attention_mask: Array) -> Array:
-  """bool [B, 1, L, L]: position i sees positions j <= i that are not padding."""
-  length = attention_mask.shape[1]
-  causal = jnp.tril(jnp.ones((length, length), bool))
-  return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+def causal_mask(attention_mask: Array, padding_last: bool) -> layers.AttentionMask:
+  """Position i sees positions j <= i that are not padding (attention_mask [B, L], 1 = real token).
+
+  `padding_last`: every row is real tokens, then padding: the key lengths suffice (what cuDNN applies without
+  a mask in memory, at any length, also under differentiation); otherwise the padding stays a key mask.
+  """
+  if padding_last:
+    return layers.AttentionMask(key_lengths=jnp.sum(attention_mask, axis=1, dtype=jnp.int32), is_causal=True)
+  return layers.AttentionMask(key_mask=attention_mask, is_causal=True)
 
 
 @flax.struct.dataclass
@@ -102,14 +106,14 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Dtype = jnp.
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def cached_causal_mask(slot_mask: Array, index: Array, length: int) -> Array:
-  """bool [B, 1, L, S]: new token i (in slot index + i) sees slots j <= index + i that hold real tokens.
+def cached_causal_mask(slot_mask: Array, index: Array, length: int) -> layers.AttentionMask:
+  """New token i (in slot index + i) sees slots j <= index + i that hold real tokens (a dense [B, 1, L, S] mask).
 
   slot_mask [B, S]: 1 where a slot holds (or, after this call, will hold) a real token.
   """
   slots = jnp.arange(slot_mask.shape[1])
   causal = slots[None, :] <= index + jnp.arange(length)[:, None]  # [L, S]
-  return causal[None, None] & slot_mask.astype(bool)[:, None, None, :]
+  return layers.AttentionMask(mask=causal[None, None] & slot_mask.astype(bool)[:, None, None, :])
 
 
 class LlamaAttention(nn.Module):
@@ -118,12 +122,12 @@ class LlamaAttention(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array, cache_index: Array | None = None,
+  def __call__(self, x: Array, mask: layers.AttentionMask, positions: Array, cache_index: Array | None = None,
                layer_cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     """-> (output [B, L, D], this layer's updated (key, value) cache or None).
 
     With `layer_cache` ([B, S, Hkv, hd] each), this call's keys and values are written at `cache_index`
-    and the queries attend over all S slots (`mask` [B, 1, L, S]).
+    and the queries attend over all S slots (`mask` over [L, S]).
     """
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
@@ -166,7 +170,7 @@ class LlamaBlock(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array, cache_index: Array | None = None,
+  def __call__(self, x: Array, mask: layers.AttentionMask, positions: Array, cache_index: Array | None = None,
                layer_cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     cfg = self.config
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype,
@@ -200,8 +204,11 @@ class Llama(nn.Module):
     return self.embed(input_ids)
 
   def __call__(self, embeddings: Array, attention_mask: Array, positions: Array | None = None,
-               cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+               cache: KVCache | None = None, padding_last: bool = False) -> Array | tuple[Array, KVCache]:
     """embeddings [B, L, D], attention_mask [B, L] (1 = real token) -> final hidden states [B, L, D].
+
+    `padding_last` (without a cache): the caller guarantees that every row of attention_mask is ones, then
+    zeros; attention then masks by key lengths (see `causal_mask`). Padding elsewhere needs the default, False.
 
     With `cache` (S slots): the L tokens go into slots [cache.index, cache.index + L); attention_mask is
     then [B, S] over the slots (1 = real token, these L included) and `positions` [B, L] must be given;
@@ -220,7 +227,7 @@ class Llama(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = layers.constrain(embeddings.astype(self.dtype), ('activation_batch', 'activation_length', 'activation_embed'))
-    x = self.blocks(x, causal_mask(attention_mask), positions)
+    x = self.blocks(x, causal_mask(attention_mask, padding_last), positions)
     return self.final_norm(x)
 
   def logits(self, hidden: Array) -> Array:
