@@ -21,11 +21,24 @@ Dtype = Any
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
+# Activations the LLaMA block names with jax.ad_checkpoint.checkpoint_name, for the named policies below:
+QKV_PROJ_NAMES = ('query_proj', 'key_proj', 'value_proj')  # queries, keys (RoPE applied) and values [B, L, H, hd]
+# (The MLP's down projection has no name: the backward never reads its output, the stack keeps each block's input.)
+PROJECTION_NAMES = QKV_PROJ_NAMES + (
+    'out_proj',  # the attention's output projection [B, L, D]
+    'mlp_gate', 'mlp_up')  # the SwiGLU's two input projections, before SiLU and product [B, L, F]
+
+# What a rematerialised block keeps for the backward pass; the rest is recomputed there. The named policies
+# save what the LLaMA block tags; in the other towers (no tags) they save nothing, as 'full' does.
 REMAT_POLICIES = {
     'none': None,  # no rematerialisation: every activation is kept for the backward pass
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # q, k, v: the backward recomputes norms, attention, the output projection and the MLP
+    'save_qkv_proj': jax.checkpoint_policies.save_only_these_names(*QKV_PROJ_NAMES),
+    # every projection's output: the backward recomputes norms, attention and SiLU * up only
+    'minimal': jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
 }
 
 

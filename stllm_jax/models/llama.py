@@ -4,6 +4,9 @@ Pre-norm blocks: RMSNorm -> causal self-attention with rotate-half RoPE -> resid
 -> residual; a final RMSNorm, then an untied (or tied) LM head. The module takes embeddings, not ids,
 because ST-LLM feeds `[visual tokens : text embeddings]`; `embed_tokens` gives the text half.
 
+The block names the outputs of its projections (`layers.PROJECTION_NAMES`: query_proj, key_proj, value_proj,
+out_proj, mlp_gate, mlp_up) for the named remat policies of `layers.REMAT_POLICIES` (`llm.remat_policy`).
+
 Generation passes a `KVCache` (static size S, written at `cache.index`): the same blocks and the same
 attention function then attend from the L new tokens to all S cache slots, and return the updated cache.
 """
@@ -16,6 +19,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from stllm_jax.models import layers
 from stllm_jax.models.layers import Array, Dtype
@@ -135,17 +139,20 @@ class LlamaAttention(nn.Module):
     project = lambda name, n_heads, axis: layers.dense(
         (n_heads, hd), ('embed', axis, 'head_dim'), use_bias=False, name=name, dtype=self.dtype,
         param_dtype=pdt, **cfg.lora(name), init_std=cfg.init_std)(x)
-    query = rotary_embedding(project('query', cfg.num_heads, 'heads'), positions, cfg.rope_theta)
-    key = rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta)
-    value = project('value', cfg.num_kv_heads, 'kv_heads')
+    query = checkpoint_name(rotary_embedding(project('query', cfg.num_heads, 'heads'), positions, cfg.rope_theta),
+                            'query_proj')  # [B, L, H, hd]
+    key = checkpoint_name(rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta),
+                          'key_proj')  # [B, L, Hkv, hd]
+    value = checkpoint_name(project('value', cfg.num_kv_heads, 'kv_heads'), 'value_proj')  # [B, L, Hkv, hd]
     query = layers.constrain(query, ('activation_batch', 'activation_length', 'activation_heads', None))
     new_cache = None
     if layer_cache is not None:
       write = lambda stored, new: jax.lax.dynamic_update_slice(stored, new.astype(stored.dtype), (0, cache_index, 0, 0))
       key, value = new_cache = (write(layer_cache[0], key), write(layer_cache[1], value))  # [B, S, Hkv, hd]
     out = layers.attention(query, key, value, mask, self.attention_impl)  # [B, L, H, hd]
-    return layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), use_bias=False, name='out',
-                        dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'), init_std=cfg.init_std)(out), new_cache
+    out = layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), use_bias=False, name='out',
+                       dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'), init_std=cfg.init_std)(out)
+    return checkpoint_name(out, 'out_proj'), new_cache  # [B, L, D]
 
 
 class LlamaMLP(nn.Module):
@@ -158,7 +165,7 @@ class LlamaMLP(nn.Module):
     pdt = layers.as_dtype(cfg.param_dtype)
     up = lambda name: layers.dense(cfg.mlp_dim, ('embed', 'mlp'), use_bias=False, name=name, dtype=self.dtype,
                                    param_dtype=pdt, **cfg.lora(name), init_std=cfg.init_std)(x)
-    h = nn.silu(up('gate')) * up('up')
+    h = nn.silu(checkpoint_name(up('gate'), 'mlp_gate')) * checkpoint_name(up('up'), 'mlp_up')  # [B, L, F]
     h = layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))
     return layers.dense(cfg.width, ('mlp', 'embed'), use_bias=False, name='down', dtype=self.dtype,
                         param_dtype=pdt, **cfg.lora('down'), init_std=cfg.init_std)(h)
