@@ -129,6 +129,8 @@ def test_flops_match_a_hand_count():
     ([], 'unknown subcommand'),
     (['train', '--config', 'configs/missing.py'], 'does not exist'),
     (['plan', '--config', TINY, '--mesh', 'fsdp=two'], 'bad mesh spec'),
+    (['plan', '--config', TINY, '--remat', 'full,bogus'], "unknown --remat 'bogus': choose among none, full, dots, "
+                                                           'dots_with_no_batch_dims, save_qkv_proj, minimal (or all)'),
     (['train', '--config', TINY, '--steps', '1'], 'give at least 2'),
     (['train', '--config', TINY, '--config.train.nope=1'], 'no field'),
 ])
