@@ -142,7 +142,7 @@ def test_errors_are_one_line(argv, message, capsys):
   assert message in err and err.startswith('error:') and len(err.splitlines()) == 1, err
 
 
-def test_peak_table_matches_device_kinds():
+def test_peak_and_bandwidth_tables_match_device_kinds():
   from stllm_jax.benchmark import devices  # pylint: disable=g-import-not-at-top
   assert devices.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
   assert devices.peak_tflops('NVIDIA H100 PCIe') == 756.0
@@ -152,6 +152,16 @@ def test_peak_table_matches_device_kinds():
   assert devices.peak_tflops('TPU v5 lite') == 197.0
   assert devices.peak_tflops('TPU v5p') == 459.0
   assert devices.peak_tflops('cpu') is None
+  assert devices.hbm_bandwidth_gbps('NVIDIA A100-SXM4-40GB') == 1555.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA A100-SXM4-80GB') == 2039.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA A100 80GB PCIe') == 1935.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA H100 80GB HBM3') == 3350.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA H100 PCIe') == 2000.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA H200') == 4800.0
+  assert devices.hbm_bandwidth_gbps('TPU v4') == 1200.0
+  assert devices.hbm_bandwidth_gbps('TPU v5 lite') == 819.0
+  assert devices.hbm_bandwidth_gbps('TPU v5p') == 2765.0
+  assert devices.hbm_bandwidth_gbps('cpu') is None
 
 
 def test_bt_adapter_flops_match_a_hand_count_and_xla(tmp_path, report):
