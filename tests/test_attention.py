@@ -4,7 +4,6 @@ cuDNN's semantics), and the one-line error for cuDNN where it cannot run."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from conftest import random_batch, relative_error
@@ -17,10 +16,11 @@ from stllm_jax.models.qformer import QFormerConfig
 B, T, H, KV, HD = 2, 6, 4, 2, 8
 
 
-def qkv(key_len=T, kv_heads=KV, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(keys[0], (B, T, H, HD)), jax.random.normal(keys[1], (B, key_len, kv_heads, HD)),
-          jax.random.normal(keys[2], (B, key_len, kv_heads, HD)))
+def qkv(key_len):
+  """query [B, T, H, hd], key and value [B, S, KV, hd] (grouped-query)."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  return (jax.random.normal(keys[0], (B, T, H, HD)), jax.random.normal(keys[1], (B, key_len, KV, HD)),
+          jax.random.normal(keys[2], (B, key_len, KV, HD)))
 
 
 PADDING_ANYWHERE = jnp.array([[1, 0, 1, 1, 0, 1], [1, 1, 1, 0, 0, 0]], jnp.int32)  # [B, S]
