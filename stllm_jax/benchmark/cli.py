@@ -1,7 +1,9 @@
-"""Command line of the benchmark: `python -m stllm_jax.benchmark {train,generate,plan} --config configs/X.py ...`.
+"""Command line of the benchmark: `python -m stllm_jax.benchmark {train,generate,plan} --config configs/X.py ...`,
+and `python -m stllm_jax.benchmark gpu-report --out DIR [--smoke]` (no config: see gpu_report.py).
 
-Every command prints a markdown table and writes its JSON (`--out`, default runs/benchmark/<command>-<config>-<time>.json).
-Config fields can be overridden as in training: `--config.train.batch_size=4`.
+Every command prints a markdown table and writes its JSON (`--out`, default runs/benchmark/<command>-<config>-<time>.json;
+gpu-report: DIR/gpu_report.json and DIR/gpu_report.md). Config fields can be overridden as in training:
+`--config.train.batch_size=4`.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any
 
 from stllm_jax.errors import UserError, exit_with
 
-COMMANDS = ('train', 'generate', 'plan')
+COMMANDS = ('train', 'generate', 'plan', 'gpu-report')
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(prog='python -m stllm_jax.benchmark', description=__doc__.split('\n\n')[0])
-  sub = parser.add_subparsers(dest='command', metavar='{train,generate,plan}')
+  sub = parser.add_subparsers(dest='command', metavar='{train,generate,plan,gpu-report}')
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument('--config', required=True, help='config file, e.g. configs/bench_small.py')
   common.add_argument('--out', default='', help='JSON result file (default under runs/benchmark/)')
@@ -50,6 +52,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   plan.add_argument('--frames', type=int, default=0, help='default: the config\'s (16 for the 7B configs)')
   plan.add_argument('--text-len', type=int, default=0, help='default: the longest text bucket')
   plan.add_argument('--qformer-text-len', type=int, default=0, help='default: the longest Q-Former text bucket')
+  gpu = sub.add_parser('gpu-report', help='parity, train-step speed and decode speed on one GPU, in under 8 minutes')
+  gpu.add_argument('--out', required=True, help='directory for gpu_report.json and gpu_report.md')
+  gpu.add_argument('--smoke', action='store_true', help='tiny shapes (runs on CPU in about a minute)')
+  gpu.add_argument('--deadline-s', type=float, default=420.0,
+                   help='parts that would end after this many seconds are skipped (default 420)')
   if not argv or argv[0] not in COMMANDS + ('-h', '--help'):
     raise UserError(f'unknown subcommand {argv[0] if argv else "(none)"!r}: use one of {", ".join(COMMANDS)}, '
                     f'e.g. python -m stllm_jax.benchmark train --config configs/bench_small.py')
@@ -257,10 +264,30 @@ def _yes(flag: bool) -> str:
   return 'yes' if flag else 'no'
 
 
+def run_gpu_report(args: argparse.Namespace, argv: list[str]) -> dict:
+  """gpu_report.run, then its table printed and written beside its JSON."""
+  # Before the GPU client starts: the slice's params, Adam state and gradients need more than JAX's default 75%
+  # of a 40 GB card.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
+  from stllm_jax.benchmark import gpu_report  # pylint: disable=g-import-not-at-top
+  from stllm_jax.benchmark import report  # pylint: disable=g-import-not-at-top
+  result = gpu_report.run(args.out, args.smoke, args.deadline_s)
+  result['argv'] = ['python', '-m', 'stllm_jax.benchmark', *argv]
+  report.write_json(result, os.path.join(args.out, 'gpu_report.json'))
+  text = gpu_report.table(result)
+  with open(os.path.join(args.out, 'gpu_report.md'), 'w') as f:
+    f.write(f"`python -m stllm_jax.benchmark {' '.join(argv)}`\n\n{text}\n")
+  print(text)
+  print(f"\nwritten: {os.path.join(args.out, 'gpu_report.json')}, {os.path.join(args.out, 'gpu_report.md')}")
+  return result
+
+
 def main(argv: list[str] | None = None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args, overrides = parse_args(argv)
+    if args.command == 'gpu-report':
+      return run_gpu_report(args, argv)
     if args.command == 'plan':
       reexec_with_devices(mesh_device_count(args.mesh), argv)
     config = load_config(args.config, overrides)
