@@ -3,14 +3,18 @@ count, the memory plan's per-device bytes, and its one-line errors."""
 
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from stllm_jax import configlib
 from stllm_jax.benchmark import cli, flops
 from stllm_jax.models import stllm
 
-TINY = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
+REPO = os.path.join(os.path.dirname(__file__), '..')
+TINY = os.path.join(REPO, 'configs', 'tiny.py')
 ONE_DEVICE = '--config.mesh=fsdp=1'
 
 
@@ -129,6 +133,8 @@ def test_flops_match_a_hand_count():
     ([], 'unknown subcommand'),
     (['train', '--config', 'configs/missing.py'], 'does not exist'),
     (['plan', '--config', TINY, '--mesh', 'fsdp=two'], 'bad mesh spec'),
+    (['plan', '--config', TINY, '--remat', 'full,bogus'], "unknown --remat 'bogus': choose among none, full, dots, "
+                                                           'dots_with_no_batch_dims, save_qkv_proj, minimal (or all)'),
     (['train', '--config', TINY, '--steps', '1'], 'give at least 2'),
     (['train', '--config', TINY, '--config.train.nope=1'], 'no field'),
 ])
@@ -140,7 +146,7 @@ def test_errors_are_one_line(argv, message, capsys):
   assert message in err and err.startswith('error:') and len(err.splitlines()) == 1, err
 
 
-def test_peak_table_matches_device_kinds():
+def test_peak_and_bandwidth_tables_match_device_kinds():
   from stllm_jax.benchmark import devices  # pylint: disable=g-import-not-at-top
   assert devices.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
   assert devices.peak_tflops('NVIDIA H100 PCIe') == 756.0
@@ -150,6 +156,16 @@ def test_peak_table_matches_device_kinds():
   assert devices.peak_tflops('TPU v5 lite') == 197.0
   assert devices.peak_tflops('TPU v5p') == 459.0
   assert devices.peak_tflops('cpu') is None
+  assert devices.hbm_bandwidth_gbps('NVIDIA A100-SXM4-40GB') == 1555.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA A100-SXM4-80GB') == 2039.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA A100 80GB PCIe') == 1935.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA H100 80GB HBM3') == 3350.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA H100 PCIe') == 2000.0
+  assert devices.hbm_bandwidth_gbps('NVIDIA H200') == 4800.0
+  assert devices.hbm_bandwidth_gbps('TPU v4') == 1200.0
+  assert devices.hbm_bandwidth_gbps('TPU v5 lite') == 819.0
+  assert devices.hbm_bandwidth_gbps('TPU v5p') == 2765.0
+  assert devices.hbm_bandwidth_gbps('cpu') is None
 
 
 def test_bt_adapter_flops_match_a_hand_count_and_xla(tmp_path, report):
@@ -168,3 +184,43 @@ def test_bt_adapter_flops_match_a_hand_count_and_xla(tmp_path, report):
   assert 0.8 < result['cost_check']['analytic_over_xla'] < 1.2
   report('benchmark (tiny + 2-layer BT-Adapter, 2 steps)',
          f"train: analytic / XLA FLOPs {result['cost_check']['analytic_over_xla']:.3f}")
+
+
+def test_gpu_report_smoke(tmp_path, report):
+  """The GPU session's one command on CPU with tiny shapes, as a GPU session runs it but with --smoke: every part
+  runs (cuDNN rows give their one-line error here). A subprocess, so that XLA's backend optimisation can be off:
+  that halves the compile time of its dozen programs, and these numbers are not the point."""
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
+  done = subprocess.run([sys.executable, '-m', 'stllm_jax.benchmark', 'gpu-report', '--smoke', '--out', str(tmp_path),
+                         '--deadline-s', '3600'], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(tmp_path / 'gpu_report.json') as f:
+    result = json.load(f)
+  assert result['smoke'] and result['argv'][3:5] == ['gpu-report', '--smoke']
+  no_cudnn = "cuDNN flash attention needs an NVIDIA GPU; JAX's backend here is 'cpu'"
+  assert result['parity']['bf16_xla']['relative_error'] < 3e-2 and result['parity']['positions'] > 0
+  assert no_cudnn in result['parity']['bf16_cudnn']['error']
+  train = {(r['attention'], r['remat']): r for r in result['train']}
+  assert list(train) == [('xla', 'full'), ('cudnn', 'full'), ('cudnn', 'minimal'), ('xla', 'minimal')]
+  for remat in ('full', 'minimal'):
+    measured = train['xla', remat]
+    assert measured['step_time']['n'] == 1 and measured['tokens_per_s'] > 0 and measured['flops_per_step'] > 0
+    assert measured['mfu'] is None and all(np.isfinite(measured['losses']))
+    assert no_cudnn in train['cudnn', remat]['error']
+  assert [r['batch'] for r in result['decode']] == [1, 8]
+  for r in result['decode']:
+    assert r['weight_bytes_per_token'] > 0 and r['bandwidth_limit_tokens_per_s'] is None  # CPU: no HBM in the table
+  table = (tmp_path / 'gpu_report.md').read_text()
+  assert table.count('| train step, ') == 4 and table.count('| decode, ') == 2 and '| logits, bf16 with' in table
+  report('benchmark gpu-report --smoke (CPU, tiny shapes)',
+         f"{result['elapsed_s']:.0f} s; bf16 vs float32 logits {result['parity']['bf16_xla']['relative_error']:.2e}")
+
+
+def test_gpu_report_budget_skips_what_no_longer_fits_and_records_failures():
+  from stllm_jax.benchmark import gpu_report  # pylint: disable=g-import-not-at-top
+  budget = gpu_report.Budget(deadline_s=100.0)
+  budget.estimates['train'] = 150.0
+  assert 'train needs about 150 s' in budget.run('train', lambda: pytest.fail('must not run'))['skipped']
+  failed = budget.run('parity', lambda: {}['missing'])
+  assert failed['error'] == "KeyError: 'missing'" and budget.estimates['parity'] == failed['wall_s'] < 1
+  assert budget.run('decode', lambda: {'rate': 1.0})['rate'] == 1.0

@@ -268,7 +268,7 @@ def test_explicit_attention_of_the_dropout_path_equals_the_fused_one(rng):
   (grouped-query heads and a padding mask included)."""
   query = jnp.asarray(rng.standard_normal((2, 5, 4, 8)), jnp.float32)
   key, value = (jnp.asarray(rng.standard_normal((2, 7, 2, 8)), jnp.float32) for _ in range(2))
-  mask = jnp.asarray(rng.random((2, 1, 1, 7)) > 0.3).at[..., 0].set(True)
+  mask = layers.AttentionMask(mask=jnp.asarray(rng.random((2, 1, 1, 7)) > 0.3).at[..., 0].set(True))
   fused = layers.attention(query, key, value, mask, None)
   explicit = layers.attention(query, key, value, mask, None, dropout_rate=1e-7, dropout_rng=jax.random.key(0))
   np.testing.assert_allclose(explicit, fused, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,11 @@
-"""LLaMA against Hugging Face's LlamaForCausalLM (GQA, padding, RoPE theta, tied embeddings, scan, remat)."""
+"""LLaMA against Hugging Face's LlamaForCausalLM (GQA, padding, RoPE theta, tied embeddings, scan, remat); the named
+remat policies."""
+
+import contextlib
+import dataclasses
+import io
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.ad_checkpoint import print_saved_residuals
 
 from conftest import randomize_, relative_error
 from stllm_jax.convert import hf
-from stllm_jax.models import llama
+from stllm_jax.models import layers, llama
 from stllm_jax.models.llama import Llama
 
 
@@ -102,3 +110,44 @@ def test_too_long_sequence_is_refused(rng):
 def test_bad_head_counts_are_named():
   with pytest.raises(ValueError, match='num_heads=6 is not a multiple of llm.num_kv_heads=4'):
     llama.LlamaConfig(width=48, num_heads=6, num_kv_heads=4).validate()
+
+
+def saved_residuals(fn, *args) -> list[tuple[int, str]]:
+  """(bytes, what) of each value the backward pass of `fn` keeps, read from jax's print_saved_residuals
+  ('f32[2,8,4,8] named 'query_proj' from ...')."""
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(fn, *args)
+  rows = []
+  for line in printed.getvalue().splitlines():
+    dtype, shape, what = re.match(r'(\w+)\[([\d,]*)\] (.*)', line).groups()
+    bits = int(re.sub(r'\D', '', dtype) or 8)  # f32 -> 32, bf16 -> 16, bool -> 8
+    rows.append((math.prod(int(d) for d in shape.split(',') if d) * bits // 8, what))
+  return rows
+
+
+def test_named_remat_policies_save_what_they_name_and_change_no_gradient(rng):
+  """Each policy of layers.REMAT_POLICIES against 'none' on an unrolled tiny LLaMA (names are visible there):
+  the same loss and gradients; what the backward keeps differs, and the named policies keep their names."""
+  ids, mask = ids_and_mask(rng)
+  base = llama.LlamaConfig(vocab_size=90, width=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                           max_positions=16, scan_layers=False)
+  params = Llama(base).init(jax.random.key(0), ids, mask, method='forward_ids')['params']
+  results = {}
+  for policy in layers.REMAT_POLICIES:
+    model = Llama(dataclasses.replace(base, remat_policy=policy))
+    loss = lambda p, model=model: jnp.mean(model.apply({'params': p}, ids, mask, method='forward_ids') ** 2)
+    value, grads = jax.value_and_grad(loss)(params)
+    residuals = saved_residuals(loss, params)
+    names = {re.match(r"named '(\w+)'", what).group(1) for _, what in residuals if what.startswith('named')}
+    results[policy] = (value, grads, sum(size for size, _ in residuals), names)
+  value_none, grads_none, bytes_none, _ = results['none']
+  for policy, (value, grads, _, _) in results.items():
+    np.testing.assert_allclose(value, value_none, rtol=1e-6, err_msg=policy)
+    for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_none)):
+      assert relative_error(got, want) < 1e-6, policy
+  assert results['save_qkv_proj'][3] == set(layers.QKV_PROJ_NAMES)
+  assert results['minimal'][3] == set(layers.PROJECTION_NAMES)
+  assert results['full'][3] == results['dots'][3] == set()
+  kept = {policy: result[2] for policy, result in results.items()}
+  assert kept['none'] > kept['dots'] > kept['minimal'] > kept['save_qkv_proj'] > kept['full'], kept

@@ -1,7 +1,9 @@
-"""Command line of the benchmark: `python -m stllm_jax.benchmark {train,generate,plan} --config configs/X.py ...`.
+"""Command line of the benchmark: `python -m stllm_jax.benchmark {train,generate,plan} --config configs/X.py ...`,
+and `python -m stllm_jax.benchmark gpu-report --out DIR [--smoke]` (no config: see gpu_report.py).
 
-Every command prints a markdown table and writes its JSON (`--out`, default runs/benchmark/<command>-<config>-<time>.json).
-Config fields can be overridden as in training: `--config.train.batch_size=4`.
+Every command prints a markdown table and writes its JSON (`--out`, default runs/benchmark/<command>-<config>-<time>.json;
+gpu-report: DIR/gpu_report.json and DIR/gpu_report.md). Config fields can be overridden as in training:
+`--config.train.batch_size=4`.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any
 
 from stllm_jax.errors import UserError, exit_with
 
-COMMANDS = ('train', 'generate', 'plan')
+COMMANDS = ('train', 'generate', 'plan', 'gpu-report')
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(prog='python -m stllm_jax.benchmark', description=__doc__.split('\n\n')[0])
-  sub = parser.add_subparsers(dest='command', metavar='{train,generate,plan}')
+  sub = parser.add_subparsers(dest='command', metavar='{train,generate,plan,gpu-report}')
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument('--config', required=True, help='config file, e.g. configs/bench_small.py')
   common.add_argument('--out', default='', help='JSON result file (default under runs/benchmark/)')
@@ -44,10 +46,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   plan.add_argument('--mesh', default='fsdp=8', help='e.g. fsdp=8 or data=2,fsdp=4')
   plan.add_argument('--batch-size', type=int, default=0, help='global batch (default: the config\'s)')
   plan.add_argument('--grad-accum', type=int, default=0, help='micro-batches per step (default: the config\'s)')
-  plan.add_argument('--remat', choices=('full', 'dots', 'none'), default=None, help='the LLM\'s remat policy')
+  plan.add_argument('--remat', default=None,
+                    help='the LLM\'s remat policy, several separated by commas (one plan each), or all; policies: '
+                         + ', '.join(remat_policy_names()))
   plan.add_argument('--frames', type=int, default=0, help='default: the config\'s (16 for the 7B configs)')
   plan.add_argument('--text-len', type=int, default=0, help='default: the longest text bucket')
   plan.add_argument('--qformer-text-len', type=int, default=0, help='default: the longest Q-Former text bucket')
+  gpu = sub.add_parser('gpu-report', help='parity, train-step speed and decode speed on one GPU, in under 8 minutes')
+  gpu.add_argument('--out', required=True, help='directory for gpu_report.json and gpu_report.md')
+  gpu.add_argument('--smoke', action='store_true', help='tiny shapes (runs on CPU in about a minute)')
+  gpu.add_argument('--deadline-s', type=float, default=420.0,
+                   help='parts that would end after this many seconds are skipped (default 420)')
   if not argv or argv[0] not in COMMANDS + ('-h', '--help'):
     raise UserError(f'unknown subcommand {argv[0] if argv else "(none)"!r}: use one of {", ".join(COMMANDS)}, '
                     f'e.g. python -m stllm_jax.benchmark train --config configs/bench_small.py')
@@ -57,6 +66,23 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   if unknown:
     raise UserError(f'unknown arguments {unknown}; see python -m stllm_jax.benchmark {args.command} --help')
   return args, overrides
+
+
+def remat_policy_names() -> list[str]:
+  from stllm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  return list(layers.REMAT_POLICIES)
+
+
+def remat_policies(text: str | None) -> list[str | None]:
+  """--remat 'full,minimal' -> ['full', 'minimal']; 'all' -> every policy; None -> [None] (the config's)."""
+  if text is None:
+    return [None]
+  known = remat_policy_names()
+  names = known if text == 'all' else [name.strip() for name in text.split(',')]
+  unknown = [name for name in names if name not in known]
+  if unknown or not names:
+    raise UserError(f'unknown --remat {", ".join(unknown) or text!r}: choose among {", ".join(known)} (or all)')
+  return names
 
 
 def load_config(path: str, overrides: list[str]) -> Any:
@@ -134,15 +160,27 @@ def default_out(command: str, config_path: str) -> str:
 
 
 def run_plan(args: argparse.Namespace, config: Any) -> dict:
+  """One memory plan, or with several --remat policies one per policy (`plans`, in the order given)."""
+  from stllm_jax.benchmark import devices  # pylint: disable=g-import-not-at-top
+  policies = remat_policies(args.remat)
+  plans = [plan_one(args, config, policy) for policy in policies]
+  if len(plans) == 1:
+    return {'command': 'plan', 'device': devices.describe(), **plans[0]}
+  return {'command': 'plan', 'device': devices.describe(), 'remat_policies': policies, 'plans': plans}
+
+
+def plan_one(args: argparse.Namespace, config: Any, remat_policy: str | None) -> dict:
+  """The memory plan of the config's train step with the LLM's `remat_policy` (None: the config's)."""
   from stllm_jax import sharding  # pylint: disable=g-import-not-at-top
   from stllm_jax.benchmark import plan  # pylint: disable=g-import-not-at-top
   from stllm_jax.benchmark.train_bench import validated  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
   if args.batch_size:
     config.train.batch_size = args.batch_size
   if args.grad_accum:
     config.train.grad_accum_steps = args.grad_accum
-  if args.remat:
-    config.model.llm.remat_policy = args.remat
+  if remat_policy:
+    config.model.llm.remat_policy = remat_policy
   data = config.data
   if data.get('source') == 'random':
     model_cfg, train_cfg = validated(config)
@@ -164,10 +202,8 @@ def run_plan(args: argparse.Namespace, config: Any) -> dict:
   if micro % shards:
     raise UserError(f'micro-batch {micro} (batch {train_cfg.batch_size} / accumulation {train_cfg.grad_accum_steps}) '
                     f'is not a multiple of data x fsdp = {shards}')
-  result = plan.memory_plan(model_cfg, train_cfg, mesh, num_frames=frames, text_len=text_len,
-                            qformer_text_len=qformer_len)
-  from stllm_jax.benchmark import devices  # pylint: disable=g-import-not-at-top
-  return {'command': 'plan', 'device': devices.describe(), **result}
+  return plan.memory_plan(model_cfg, train_cfg, mesh, num_frames=frames, text_len=text_len,
+                          qformer_text_len=qformer_len)
 
 
 def _first_dataset_frames(data: Any) -> int:
@@ -179,6 +215,8 @@ def _first_dataset_frames(data: Any) -> int:
 
 
 def plan_table(result: dict) -> str:
+  if 'plans' in result:
+    return remat_comparison_table(result)
   from stllm_jax.benchmark import report  # pylint: disable=g-import-not-at-top
   m = result['memory_analysis'] or {}
   g = report.gib
@@ -206,14 +244,50 @@ def plan_table(result: dict) -> str:
                                         'of the GPU/TPU program, not a measurement)')
 
 
+def remat_comparison_table(result: dict) -> str:
+  """One row per remat policy: what XLA keeps per device and whether it fits."""
+  from stllm_jax.benchmark import report  # pylint: disable=g-import-not-at-top
+  first = result['plans'][0]
+  setup = (f"{result['device']['device_count']} simulated {result['device']['platform']} devices, mesh {first['mesh']}, "
+           f"batch {first['batch_size']}, accumulation {first['grad_accum_steps']} (micro-batch "
+           f"{first['micro_batch_per_device']:g} per device), {first['num_frames']} frames, n_keep {first['n_keep']} "
+           f"of {first['num_visual']}, text {first['text_len']}, MVM {first['mvm']}, compute {first['dtype']}")
+  g = lambda b: f'{b / report.GIB:.2f}' if b is not None else 'n/a'
+  rows = [(p['remat_llm'], g((p['memory_analysis'] or {}).get('temp_bytes')), g(p['estimate_bytes_per_device']),
+           _yes(p['fits']['40GiB']), _yes(p['fits']['80GiB']), f"{p['compile_s']:.0f}") for p in result['plans']]
+  header = ('LLM remat', 'XLA temporaries GiB', 'estimate GiB per device', 'fits 40 GiB', 'fits 80 GiB', 'compile s')
+  return (f'{setup}\n\n' + report.markdown_columns(header, rows) + '\n(memory from XLA:CPU memory_analysis with '
+          'simulated devices: an estimate of the GPU/TPU program, not a measurement)')
+
+
 def _yes(flag: bool) -> str:
   return 'yes' if flag else 'no'
+
+
+def run_gpu_report(args: argparse.Namespace, argv: list[str]) -> dict:
+  """gpu_report.run, then its table printed and written beside its JSON."""
+  # Before the GPU client starts: the slice's params, Adam state and gradients need more than JAX's default 75%
+  # of a 40 GB card.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
+  from stllm_jax.benchmark import gpu_report  # pylint: disable=g-import-not-at-top
+  from stllm_jax.benchmark import report  # pylint: disable=g-import-not-at-top
+  result = gpu_report.run(args.out, args.smoke, args.deadline_s)
+  result['argv'] = ['python', '-m', 'stllm_jax.benchmark', *argv]
+  report.write_json(result, os.path.join(args.out, 'gpu_report.json'))
+  text = gpu_report.table(result)
+  with open(os.path.join(args.out, 'gpu_report.md'), 'w') as f:
+    f.write(f"`python -m stllm_jax.benchmark {' '.join(argv)}`\n\n{text}\n")
+  print(text)
+  print(f"\nwritten: {os.path.join(args.out, 'gpu_report.json')}, {os.path.join(args.out, 'gpu_report.md')}")
+  return result
 
 
 def main(argv: list[str] | None = None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args, overrides = parse_args(argv)
+    if args.command == 'gpu-report':
+      return run_gpu_report(args, argv)
     if args.command == 'plan':
       reexec_with_devices(mesh_device_count(args.mesh), argv)
     config = load_config(args.config, overrides)

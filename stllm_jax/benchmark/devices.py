@@ -1,4 +1,5 @@
-"""What the benchmark knows about the device: its bf16 dense peak (for MFU) and its peak memory."""
+"""What the benchmark knows about the device: its bf16 dense peak (for MFU), its memory bandwidth (for the decode
+limit) and its peak memory."""
 
 from __future__ import annotations
 
@@ -21,20 +22,48 @@ PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
 )
 
 
+# HBM bandwidth in GB/s (10^9 bytes; vendor data sheets); matched in order on device_kind, e.g.
+# 'NVIDIA A100-SXM4-40GB', 'NVIDIA A100 80GB PCIe', 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe', 'NVIDIA H200'.
+HBM_BANDWIDTH_GBPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (('A100', '80GB', 'PCIE'), 1935.0),
+    (('A100', '80GB'), 2039.0),  # SXM4
+    (('A100',), 1555.0),  # 40GB, SXM4 and PCIe
+    (('H100', 'PCIE'), 2000.0),
+    (('H100', 'NVL'), 3900.0),
+    (('H100',), 3350.0),  # SXM5
+    (('H200',), 4800.0),
+    (('TPU V5 LITE',), 819.0),
+    (('TPU V5E',), 819.0),
+    (('TPU V5P',), 2765.0),
+    (('TPU V5',), 2765.0),
+    (('TPU V4',), 1200.0),
+)
+
+
+def _lookup(table: tuple[tuple[tuple[str, ...], float], ...], device_kind: str) -> float | None:
+  kind = device_kind.upper()
+  for needles, value in table:
+    if all(n in kind for n in needles):
+      return value
+  return None
+
+
 def peak_tflops(device_kind: str) -> float | None:
   """The bf16 dense peak of a device kind ('NVIDIA H100 80GB HBM3', 'TPU v5 lite', ...), None if unknown (CPU)."""
-  kind = device_kind.upper()
-  for needles, peak in PEAK_BF16_TFLOPS:
-    if all(n in kind for n in needles):
-      return peak
-  return None
+  return _lookup(PEAK_BF16_TFLOPS, device_kind)
+
+
+def hbm_bandwidth_gbps(device_kind: str) -> float | None:
+  """The memory bandwidth of a device kind in GB/s, None if unknown (CPU)."""
+  return _lookup(HBM_BANDWIDTH_GBPS, device_kind)
 
 
 def describe() -> dict[str, Any]:
   device = jax.devices()[0]
   return {'platform': device.platform, 'device_kind': device.device_kind, 'device_count': jax.device_count(),
           'host_cpu': cpu_model_name(), 'host_cores': len(os.sched_getaffinity(0)),
-          'peak_bf16_tflops': peak_tflops(device.device_kind)}
+          'peak_bf16_tflops': peak_tflops(device.device_kind),
+          'hbm_bandwidth_gbps': hbm_bandwidth_gbps(device.device_kind)}
 
 
 def cpu_model_name() -> str:

@@ -38,6 +38,13 @@ def markdown_table(rows: Iterable[tuple[str, str]], header: tuple[str, str] = ('
   return '\n'.join(lines)
 
 
+def markdown_columns(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+  """A markdown table with a column per header entry."""
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
 def write_json(result: dict[str, Any], path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:

@@ -54,11 +54,18 @@ def validated(config: Any) -> tuple[stllm.STLLMConfig, step.TrainConfig]:
 
 def build_jax_trainer(config: Any) -> JaxTrainer:
   """Random params on the config's mesh, the train state and the jitted step (as train.py builds them)."""
+  model_cfg, _ = validated(config)
+  mesh = sharding.make_mesh(config.mesh)
+  shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
+  return trainer_from_params(config, sharding.shard_params(stllm.init_params(model_cfg, jax.random.key(config.seed)),
+                                                           shardings))
+
+
+def trainer_from_params(config: Any, params: Any) -> JaxTrainer:
+  """The train state (fresh optimizer state) and the jitted step for `params`, already placed on the config's mesh."""
   model_cfg, train_cfg = validated(config)
   mesh = sharding.make_mesh(config.mesh)
-  abstract = stllm.abstract_variables(model_cfg)
-  shardings = sharding.param_shardings(abstract, mesh)
-  params = sharding.shard_params(stllm.init_params(model_cfg, jax.random.key(config.seed)), shardings)
+  shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
   trainable, frozen = step.split_params(params, train_cfg.frozen)
   schedule = step.make_schedule(train_cfg, max(train_cfg.steps, 1))
   tx = step.make_optimizer(train_cfg, schedule)

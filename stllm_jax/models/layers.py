@@ -11,6 +11,7 @@ import functools
 import math
 from typing import Any, Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,24 @@ Dtype = Any
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
+# Activations the LLaMA block names with jax.ad_checkpoint.checkpoint_name, for the named policies below:
+QKV_PROJ_NAMES = ('query_proj', 'key_proj', 'value_proj')  # queries, keys (RoPE applied) and values [B, L, H, hd]
+# (The MLP's down projection has no name: the backward never reads its output, the stack keeps each block's input.)
+PROJECTION_NAMES = QKV_PROJ_NAMES + (
+    'out_proj',  # the attention's output projection [B, L, D]
+    'mlp_gate', 'mlp_up')  # the SwiGLU's two input projections, before SiLU and product [B, L, F]
+
+# What a rematerialised block keeps for the backward pass; the rest is recomputed there. The named policies
+# save what the LLaMA block tags; in the other towers (no tags) they save nothing, as 'full' does.
 REMAT_POLICIES = {
     'none': None,  # no rematerialisation: every activation is kept for the backward pass
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # q, k, v: the backward recomputes norms, attention, the output projection and the MLP
+    'save_qkv_proj': jax.checkpoint_policies.save_only_these_names(*QKV_PROJ_NAMES),
+    # every projection's output: the backward recomputes norms, attention and SiLU * up only
+    'minimal': jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
 }
 
 
@@ -167,34 +181,118 @@ class RMSNorm(nn.Module):
     return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def attention(query: Array, key: Array, value: Array, mask: Array | None, implementation: str | None,
+@flax.struct.dataclass
+class AttentionMask:
+  """Which keys each query sees, in the forms the attention implementations take: query i of sample b sees key
+  j where every form given allows it. (A pytree: it passes through scanned layer stacks like an array.)"""
+  mask: Array | None = None  # bool, broadcastable to [B, H, T, S], True where allowed (any pattern)
+  key_mask: Array | None = None  # [B, S], nonzero where key j is a real token (padding anywhere)
+  key_lengths: Array | None = None  # int32 [B]: keys j < key_lengths[b] are real (padding only at the end)
+  is_causal: bool = flax.struct.field(pytree_node=False, default=False)  # j <= i (T == S)
+
+  def dense(self, query_len: int, key_len: int) -> Array:
+    """Every form as one bool mask, broadcastable to [B, H, T, S]."""
+    allowed = jnp.ones((1, 1, query_len, key_len), bool) if self.mask is None else self.mask.astype(bool)
+    if self.is_causal:
+      allowed = allowed & jnp.tril(jnp.ones((query_len, key_len), bool))[None, None]
+    if self.key_mask is not None:
+      allowed = allowed & _keys(self.key_mask)
+    if self.key_lengths is not None:
+      allowed = allowed & (jnp.arange(key_len)[None, :] < self.key_lengths[:, None])[:, None, None, :]
+    return allowed
+
+
+def _keys(key_mask: Array) -> Array:
+  """[B, S] -> bool [B, 1, 1, S]."""
+  return key_mask.astype(bool)[:, None, None, :]
+
+
+def attention(query: Array, key: Array, value: Array, mask: AttentionMask | None, implementation: str | None,
               dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
-  """Softmax attention with logits and softmax in float32.
+  """Softmax attention with logits and softmax in float32, through `jax.nn.dot_product_attention`.
 
-  query [B, Lq, H, hd]; key, value [B, Lk, Hkv, hd] with H a multiple of Hkv (grouped-query);
-  mask bool, broadcastable to [B, H, Lq, Lk], True where attention is allowed. Returns [B, Lq, H, hd].
-  `dropout_rate` > 0 (training only, with `dropout_rng`) drops attention probabilities as BERT does; the
-  fused kernel has no dropout, so that case is computed explicitly (same float32 logits and softmax).
+  query [B, T, H, hd]; key, value [B, S, Hkv, hd] with H a multiple of Hkv (grouped-query); `mask` None = every
+  key. Returns [B, T, H, hd]. `implementation`: None (JAX's choice: XLA today), 'xla', or 'cudnn' (cuDNN flash
+  attention: NVIDIA GPUs, bfloat16 / float16, the head dims `cudnn_problem` accepts; `cudnn_arguments` gives
+  it the mask in the forms it takes). `dropout_rate` > 0 (training only, with `dropout_rng`) drops attention
+  probabilities as BERT does; no fused kernel has dropout, so that case is computed by `explicit_attention`
+  (same float32 logits and softmax).
   """
-  if dropout_rate == 0.0:
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
-  if dropout_rng is None:
-    raise ValueError(f'attention dropout {dropout_rate} needs a dropout rng')
-  return _attention_with_dropout(query, key, value, mask, dropout_rate, dropout_rng)
+  mask = AttentionMask() if mask is None else mask
+  if dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError(f'attention dropout {dropout_rate} needs a dropout rng')
+    return explicit_attention(query, key, value, mask.dense(query.shape[1], key.shape[1]), dropout_rate, dropout_rng)
+  if implementation == 'cudnn':
+    check_cudnn(query)
+    key, value, dense, key_lengths = cudnn_arguments(query.shape[1], key, value, mask)
+  else:
+    dense = mask.mask if mask.key_mask is None else _and(mask.mask, _keys(mask.key_mask))
+    key_lengths = mask.key_lengths
+  return jax.nn.dot_product_attention(query, key, value, mask=dense, is_causal=mask.is_causal,
+                                      key_value_seq_lengths=key_lengths, implementation=implementation)
 
 
-def _attention_with_dropout(query: Array, key: Array, value: Array, mask: Array | None, rate: float,
-                            rng: Array) -> Array:
-  """softmax(q k^T / sqrt(hd)) with each probability dropped with probability `rate` (kept ones / (1 - rate))."""
+def _and(mask: Array | None, other: Array) -> Array:
+  return other if mask is None else mask.astype(bool) & other
+
+
+def cudnn_arguments(query_len: int, key: Array, value: Array, mask: AttentionMask
+                    ) -> tuple[Array, Array, Array | None, Array | None]:
+  """(key, value, dense mask, key lengths) for cuDNN, allowing what `mask` allows (its causality stays a flag).
+
+  cuDNN applies causality and key lengths itself (no mask in memory); it takes any other mask only as an
+  additive bias spanning the whole [T, S] score matrix. So a key_mask of non-causal attention (the Q-Former's
+  text padding) becomes key lengths after a stable reorder that puts each row's real keys first (attention does
+  not depend on the order of its keys); any other mask is broadcast to [B or 1, H or 1, T, S] (a bias: under
+  differentiation cuDNN then needs even T and S; the model's training passes give none).
+  """
+  if mask.key_mask is not None and mask.mask is None and mask.key_lengths is None and not mask.is_causal:
+    real = mask.key_mask.astype(bool)  # [B, S]
+    order = jnp.argsort(~real, axis=1, stable=True)  # [B, S]: real keys first, each group in its order
+    take = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+    return take(key), take(value), None, jnp.sum(real, axis=1, dtype=jnp.int32)
+  dense = mask.mask if mask.key_mask is None else _and(mask.mask, _keys(mask.key_mask))
+  if dense is not None:
+    dense = jnp.broadcast_to(dense.astype(bool), (*dense.shape[:2], query_len, key.shape[1]))
+  return key, value, dense, mask.key_lengths
+
+
+def cudnn_problem(platform: str, dtype: Dtype, head_dim: int, max_head_dim: int) -> str | None:
+  """Why cuDNN flash attention cannot take these inputs, or None when it can."""
+  if platform != 'gpu':
+    return f"cuDNN flash attention needs an NVIDIA GPU; JAX's backend here is {platform!r}"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f'cuDNN flash attention takes bfloat16 or float16, the model computes in {jnp.dtype(dtype).name}'
+  if head_dim % 8 or head_dim > max_head_dim:
+    return f'cuDNN flash attention needs a head dim that is a multiple of 8 and at most {max_head_dim}, got {head_dim}'
+  return None
+
+
+def check_cudnn(query: Array) -> None:
+  """Raises a one-line error when cuDNN flash attention cannot run `query`'s attention on this machine."""
+  device = jax.devices()[0]
+  hopper_or_later = tuple(int(v) for v in getattr(device, 'compute_capability', '0.0').split('.')) >= (9, 0)
+  problem = cudnn_problem(jax.default_backend(), query.dtype, query.shape[-1], 256 if hopper_or_later else 128)
+  if problem:
+    raise ValueError(f"model.attention_impl='cudnn': {problem}. Use 'xla' (or 'auto') instead.")
+
+
+def explicit_attention(query: Array, key: Array, value: Array, allowed: Array | None, dropout_rate: float = 0.0,
+                       rng: Array | None = None) -> Array:
+  """softmax(q k^T / sqrt(hd)) v written out in float32 (the reference the fused paths are tested against);
+  with `dropout_rate` > 0 each probability is dropped with that probability (kept ones / (1 - rate)).
+  `allowed`: bool broadcastable to [B, H, T, S] or None."""
   groups = query.shape[2] // key.shape[2]
-  key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)  # [B, Lk, H, hd]
+  key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)  # [B, S, H, hd]
   scale = query.shape[-1] ** -0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', query.astype(jnp.float32), key.astype(jnp.float32)) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)  # [B, H, Lq, Lk]
-  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-  probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)  # [B, H, T, S]
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(value.dtype), value)
 
 

@@ -4,6 +4,9 @@ Pre-norm blocks: RMSNorm -> causal self-attention with rotate-half RoPE -> resid
 -> residual; a final RMSNorm, then an untied (or tied) LM head. The module takes embeddings, not ids,
 because ST-LLM feeds `[visual tokens : text embeddings]`; `embed_tokens` gives the text half.
 
+The block names the outputs of its projections (`layers.PROJECTION_NAMES`: query_proj, key_proj, value_proj,
+out_proj, mlp_gate, mlp_up) for the named remat policies of `layers.REMAT_POLICIES` (`llm.remat_policy`).
+
 Generation passes a `KVCache` (static size S, written at `cache.index`): the same blocks and the same
 attention function then attend from the L new tokens to all S cache slots, and return the updated cache.
 """
@@ -16,6 +19,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from stllm_jax.models import layers
 from stllm_jax.models.layers import Array, Dtype
@@ -81,11 +85,15 @@ def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def causal_mask(attention_mask: Array) -> Array:
-  """bool [B, 1, L, L]: position i sees positions j <= i that are not padding."""
-  length = attention_mask.shape[1]
-  causal = jnp.tril(jnp.ones((length, length), bool))
-  return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+def causal_mask(attention_mask: Array, padding_last: bool) -> layers.AttentionMask:
+  """Position i sees positions j <= i that are not padding (attention_mask [B, L], 1 = real token).
+
+  `padding_last`: every row is real tokens, then padding: the key lengths suffice (what cuDNN applies without
+  a mask in memory, at any length, also under differentiation); otherwise the padding stays a key mask.
+  """
+  if padding_last:
+    return layers.AttentionMask(key_lengths=jnp.sum(attention_mask, axis=1, dtype=jnp.int32), is_causal=True)
+  return layers.AttentionMask(key_mask=attention_mask, is_causal=True)
 
 
 @flax.struct.dataclass
@@ -102,14 +110,14 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Dtype = jnp.
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def cached_causal_mask(slot_mask: Array, index: Array, length: int) -> Array:
-  """bool [B, 1, L, S]: new token i (in slot index + i) sees slots j <= index + i that hold real tokens.
+def cached_causal_mask(slot_mask: Array, index: Array, length: int) -> layers.AttentionMask:
+  """New token i (in slot index + i) sees slots j <= index + i that hold real tokens (a dense [B, 1, L, S] mask).
 
   slot_mask [B, S]: 1 where a slot holds (or, after this call, will hold) a real token.
   """
   slots = jnp.arange(slot_mask.shape[1])
   causal = slots[None, :] <= index + jnp.arange(length)[:, None]  # [L, S]
-  return causal[None, None] & slot_mask.astype(bool)[:, None, None, :]
+  return layers.AttentionMask(mask=causal[None, None] & slot_mask.astype(bool)[:, None, None, :])
 
 
 class LlamaAttention(nn.Module):
@@ -118,12 +126,12 @@ class LlamaAttention(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array, cache_index: Array | None = None,
+  def __call__(self, x: Array, mask: layers.AttentionMask, positions: Array, cache_index: Array | None = None,
                layer_cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     """-> (output [B, L, D], this layer's updated (key, value) cache or None).
 
     With `layer_cache` ([B, S, Hkv, hd] each), this call's keys and values are written at `cache_index`
-    and the queries attend over all S slots (`mask` [B, 1, L, S]).
+    and the queries attend over all S slots (`mask` over [L, S]).
     """
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
@@ -131,17 +139,20 @@ class LlamaAttention(nn.Module):
     project = lambda name, n_heads, axis: layers.dense(
         (n_heads, hd), ('embed', axis, 'head_dim'), use_bias=False, name=name, dtype=self.dtype,
         param_dtype=pdt, **cfg.lora(name), init_std=cfg.init_std)(x)
-    query = rotary_embedding(project('query', cfg.num_heads, 'heads'), positions, cfg.rope_theta)
-    key = rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta)
-    value = project('value', cfg.num_kv_heads, 'kv_heads')
+    query = checkpoint_name(rotary_embedding(project('query', cfg.num_heads, 'heads'), positions, cfg.rope_theta),
+                            'query_proj')  # [B, L, H, hd]
+    key = checkpoint_name(rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta),
+                          'key_proj')  # [B, L, Hkv, hd]
+    value = checkpoint_name(project('value', cfg.num_kv_heads, 'kv_heads'), 'value_proj')  # [B, L, Hkv, hd]
     query = layers.constrain(query, ('activation_batch', 'activation_length', 'activation_heads', None))
     new_cache = None
     if layer_cache is not None:
       write = lambda stored, new: jax.lax.dynamic_update_slice(stored, new.astype(stored.dtype), (0, cache_index, 0, 0))
       key, value = new_cache = (write(layer_cache[0], key), write(layer_cache[1], value))  # [B, S, Hkv, hd]
     out = layers.attention(query, key, value, mask, self.attention_impl)  # [B, L, H, hd]
-    return layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), use_bias=False, name='out',
-                        dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'), init_std=cfg.init_std)(out), new_cache
+    out = layers.dense(cfg.width, ('heads', 'head_dim', 'embed'), axis=(-2, -1), use_bias=False, name='out',
+                       dtype=self.dtype, param_dtype=pdt, **cfg.lora('out'), init_std=cfg.init_std)(out)
+    return checkpoint_name(out, 'out_proj'), new_cache  # [B, L, D]
 
 
 class LlamaMLP(nn.Module):
@@ -154,7 +165,7 @@ class LlamaMLP(nn.Module):
     pdt = layers.as_dtype(cfg.param_dtype)
     up = lambda name: layers.dense(cfg.mlp_dim, ('embed', 'mlp'), use_bias=False, name=name, dtype=self.dtype,
                                    param_dtype=pdt, **cfg.lora(name), init_std=cfg.init_std)(x)
-    h = nn.silu(up('gate')) * up('up')
+    h = nn.silu(checkpoint_name(up('gate'), 'mlp_gate')) * checkpoint_name(up('up'), 'mlp_up')  # [B, L, F]
     h = layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp'))
     return layers.dense(cfg.width, ('mlp', 'embed'), use_bias=False, name='down', dtype=self.dtype,
                         param_dtype=pdt, **cfg.lora('down'), init_std=cfg.init_std)(h)
@@ -166,7 +177,7 @@ class LlamaBlock(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array, cache_index: Array | None = None,
+  def __call__(self, x: Array, mask: layers.AttentionMask, positions: Array, cache_index: Array | None = None,
                layer_cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     cfg = self.config
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype,
@@ -200,8 +211,11 @@ class Llama(nn.Module):
     return self.embed(input_ids)
 
   def __call__(self, embeddings: Array, attention_mask: Array, positions: Array | None = None,
-               cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+               cache: KVCache | None = None, padding_last: bool = False) -> Array | tuple[Array, KVCache]:
     """embeddings [B, L, D], attention_mask [B, L] (1 = real token) -> final hidden states [B, L, D].
+
+    `padding_last` (without a cache): the caller guarantees that every row of attention_mask is ones, then
+    zeros; attention then masks by key lengths (see `causal_mask`). Padding elsewhere needs the default, False.
 
     With `cache` (S slots): the L tokens go into slots [cache.index, cache.index + L); attention_mask is
     then [B, S] over the slots (1 = real token, these L included) and `positions` [B, L] must be given;
@@ -220,7 +234,7 @@ class Llama(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = layers.constrain(embeddings.astype(self.dtype), ('activation_batch', 'activation_length', 'activation_embed'))
-    x = self.blocks(x, causal_mask(attention_mask), positions)
+    x = self.blocks(x, causal_mask(attention_mask, padding_last), positions)
     return self.final_norm(x)
 
   def logits(self, hidden: Array) -> Array:

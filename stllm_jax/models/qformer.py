@@ -59,7 +59,7 @@ class BertAttention(nn.Module):
   cross: bool = False  # keys and values come from the image tokens (vision width)
 
   @nn.compact
-  def __call__(self, x: Array, context: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, x: Array, context: Array, mask: layers.AttentionMask | None, deterministic: bool) -> Array:
     cfg = self.config
     pdt = layers.as_dtype(cfg.param_dtype)
     heads = (cfg.num_heads, cfg.head_dim)
@@ -99,7 +99,7 @@ class QFormerLayer(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, image_tokens: Array, self_mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, image_tokens: Array, self_mask: layers.AttentionMask, deterministic: bool) -> Array:
     n_query = self.config.num_query_tokens
     x = BertAttention(self.config, self.dtype, self.attention_impl, name='self_attention')(x, x, self_mask,
                                                                                           deterministic)
@@ -142,7 +142,7 @@ class QFormer(nn.Module):
     x = nn.Dropout(cfg.dropout)(x, deterministic)
     # Queries are always visible; text positions follow their padding mask.
     key_mask = jnp.concatenate([jnp.ones((n, cfg.num_query_tokens), bool), attention_mask.astype(bool)], axis=1)
-    self_mask = key_mask[:, None, None, :]  # [N, 1, 1, 32 + Lq]
+    self_mask = layers.AttentionMask(key_mask=key_mask)  # [N, 32 + Lq]
     for i in range(cfg.num_layers):
       x = QFormerLayer(cfg, i % cfg.cross_attention_freq == 0, self.dtype, self.attention_impl,
                        name=f'layers_{i}')(x, image_tokens, self_mask, deterministic)

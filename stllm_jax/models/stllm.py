@@ -223,7 +223,9 @@ class STLLM(nn.Module):
     keep int32 [B, n_slots] (`masking.keep_indices`): each sample's kept visual tokens in order in its first
     `n_keep` slots (`n_keep` may be traced), padding after; None = no masking (every token, n_keep = Nv).
     The LLM reads [kept tokens ; text ; padding slots]: positions run on over the real tokens, and the
-    padding, last in a causal sequence, is seen by no real token. `with_teacher`: the MVM sides too.
+    padding, last in a causal sequence, is seen by no real token. The text is right-padded (as the pipeline and
+    random batches give it), so every row is real tokens, then padding: the LLM masks by key lengths
+    (`padding_last`, what cuDNN attention takes at any length). `with_teacher`: the MVM sides too.
     """
     check_batch(batch)
     visual = self.visual_tokens(batch, deterministic)  # [B, Nv, D]
@@ -238,13 +240,14 @@ class STLLM(nn.Module):
     embeddings = jnp.concatenate([kept.astype(text.dtype), text], axis=1)[:, order]
     mask = jnp.concatenate([jnp.broadcast_to(slot_mask, (b, n_slots)).astype(batch['attention_mask'].dtype),
                             batch['attention_mask']], axis=1)[:, order]
-    hidden = self.llm(embeddings, mask)  # [B, n_slots + L, D]
+    hidden = self.llm(embeddings, mask, padding_last=True)  # [B, n_slots + L, D]
     # The hidden state just before each text token predicts it (the last kept visual one predicts the first).
     text_logits = self.llm.logits(jax.lax.dynamic_slice_in_dim(hidden, n_keep - 1, text_len, axis=1))
     if not with_teacher:
       return TrainingPass(text_logits, None, None, slot_mask)
     # Visual tokens first + causal attention: the teacher's visual outputs depend on the visual prefix only.
-    teacher = self.llm(jax.lax.stop_gradient(visual), jnp.ones((b, n_visual), jnp.int32))  # [B, Nv, D]
+    teacher = self.llm(jax.lax.stop_gradient(visual), jnp.ones((b, n_visual), jnp.int32),
+                       padding_last=True)  # [B, Nv, D]
     teacher = jax.lax.stop_gradient(jnp.take_along_axis(teacher, keep[:, :, None], axis=1))  # [B, n_slots, D]
     return TrainingPass(text_logits, self.mvm_head(hidden[:, :n_slots]), teacher, slot_mask)
 
