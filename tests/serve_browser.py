@@ -117,6 +117,21 @@ def text_of(driver: webdriver.Chrome, elem_id: str) -> str:
   return driver.find_element(By.ID, elem_id).text.strip()
 
 
+def busy(driver: webdriver.Chrome, elem_id: str) -> bool:
+  """Whether Gradio shows its progress overlay on the element (an output being computed; its old text stays
+  beneath it): the overlay's status tracker loses its `hide` class while it shows."""
+  trackers = driver.find_elements(By.CSS_SELECTOR, f'#{elem_id} [data-testid="status-tracker"]')
+  return any('hide' not in (t.get_attribute('class') or '').split() for t in trackers)
+
+
+def settled_text(driver: webdriver.Chrome, elem_id: str, before: str) -> str | None:
+  """The element's new text, or None while it still shows `before` or Gradio's progress overlay."""
+  if busy(driver, elem_id):
+    return None
+  text = text_of(driver, elem_id)
+  return None if text in ('', before) else text
+
+
 def send_file(driver: webdriver.Chrome, path: str) -> None:
   """`path` into the upload box, as if chosen in the file dialog."""
   driver.find_element(By.CSS_SELECTOR, '#video-upload input[type=file]').send_keys(os.path.abspath(path))
@@ -126,8 +141,7 @@ def upload(driver: webdriver.Chrome, path: str, timeout: float = 60) -> str:
   """Uploads `path`; returns the page's video status (the frames, or why the file cannot be used)."""
   before = text_of(driver, 'video-status')
   send_file(driver, path)
-  WebDriverWait(driver, timeout).until(lambda d: text_of(d, 'video-status') not in ('', before))
-  return text_of(driver, 'video-status')
+  return WebDriverWait(driver, timeout).until(lambda d: settled_text(d, 'video-status', before))
 
 
 def frame_captions(driver: webdriver.Chrome) -> list[str]:
@@ -148,8 +162,7 @@ def choose_frames(driver: webdriver.Chrome, spec_label: str, timeout: float = 60
   before = text_of(driver, 'video-status')
   label = driver.find_element(By.XPATH, f'//*[@id="frames"]//label[normalize-space()="{spec_label}"]')
   label.click()
-  WebDriverWait(driver, timeout).until(lambda d: text_of(d, 'video-status') != before)
-  return text_of(driver, 'video-status')
+  return WebDriverWait(driver, timeout).until(lambda d: settled_text(d, 'video-status', before))
 
 
 def ask(driver: webdriver.Chrome, question: str, timeout: float = 120) -> str:
