@@ -34,6 +34,9 @@ class MaskingConfig:
   # The kept tokens are padded up to the smallest of these fractions of the visual tokens that holds them
   # (or to all of them): the static shapes of a run. Padding costs compute, not exactness.
   keep_buckets: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+  # True: keep the whole bucket (n_keep = n_slots), so a run sees only the bucket lengths and the realised
+  # rate is biased low (stllm_jax before exact counts; the built-in demo's tiny LLM needs it, configs/demo.py).
+  round_to_bucket: bool = False
 
   def validate(self, where: str = 'train.masking') -> None:
     if not 0 <= self.low <= self.high < 1:
@@ -99,4 +102,5 @@ def step_mask_plan(step: int, seed: int, num_visual: int, cfg: MaskingConfig) ->
 
 def fixed_rate_plan(rho: float, num_visual: int, cfg: MaskingConfig) -> MaskPlan:
   n_keep = keep_count(num_visual, rho)
-  return MaskPlan(rho, n_keep, slot_count(num_visual, n_keep, cfg))
+  n_slots = slot_count(num_visual, n_keep, cfg)
+  return MaskPlan(rho, n_slots if cfg.round_to_bucket else n_keep, n_slots)

@@ -1,6 +1,7 @@
 """Dynamic masking: rates, exact kept counts padded to buckets, random per-sample positions in order, static
 shapes."""
 
+import dataclasses
 import functools
 
 import jax
@@ -30,6 +31,18 @@ def test_kept_count_is_the_released_formula_and_slots_a_bucket():
   assert masking.fixed_rate_plan(0.45, 512, cfg) == (0.45, 282, 359)  # 512 - int(230.4) = 282 kept, 359 slots
   assert masking.fixed_rate_plan(0.7, 512, cfg) == (0.7, 154, 154)  # 512 - int(358.4) = 154
   assert masking.fixed_rate_plan(0.1, 512, cfg) == (0.1, 461, 512)  # above every bucket: all 512 slots
+
+
+def test_rounding_to_the_bucket_keeps_the_whole_bucket():
+  """`round_to_bucket` (the built-in demo): the step keeps all its slots, so only the bucket lengths occur."""
+  cfg = MaskingConfig(mean=0.35, std=0.2, low=0.0, high=0.7, keep_buckets=(0.4, 0.6, 0.8, 1.0),
+                      round_to_bucket=True)
+  assert masking.fixed_rate_plan(0.45, 32, cfg) == (0.45, 20, 20)  # 32 - int(14.4) = 18 kept -> the 20 bucket
+  assert masking.fixed_rate_plan(0.1, 32, cfg) == (0.1, 32, 32)  # 29 -> all 32
+  counts = {masking.step_mask_plan(step, 0, 32, cfg).n_keep for step in range(2000)}
+  assert counts == {13, 20, 26, 32}
+  exact = dataclasses.replace(cfg, round_to_bucket=False)
+  assert len({masking.step_mask_plan(step, 0, 32, exact).n_keep for step in range(2000)}) > 15
 
 
 def test_realised_kept_counts_equal_the_released_formula_over_many_steps(report):
