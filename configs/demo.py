@@ -1,23 +1,23 @@
 """The built-in demo: a tiny ST-LLM trained from scratch on synthetic moving shapes, on a CPU, in minutes.
 
 Run:
-    python -m stllm_jax.train --config configs/demo.py                               # one model (~6 min on 2 cores)
-    python -m stllm_jax.train --config configs/demo.py --config.demo.ablation=True   # + no-masking and mean-pooling models
+    python -m stllm_jax.demo                                 # one model, this config (~7 min on 2 cores)
+    python -m stllm_jax.demo --config.demo.ablation=True     # + no-masking and mean-pooling models
     python -m stllm_jax.chat --checkpoint runs/demo --video data/demo/videos/test_0000_a.mp4 \
         --prompt "In which direction does the circle move?"
 
-It writes the synthetic set to data/demo (videos in time-reversed twins; data/synthetic.py) if missing,
+It writes the synthetic set to data/demo (videos in time-reversed twins; stllm_jax/demo/synthetic.py) if missing,
 pretrains the visual towers on single frames (tower_pretraining.py: the stand-in for EVA-CLIP + InstructBLIP),
 trains ST-LLM on them as the paper does (towers frozen; projection + LLM trained with dynamic masking + MVM at
 8 frames; a wider mask rate than the paper's, see below), asks the held-out videos about direction, shape and
-colour at 4-16 frames, and prints the tables of the paper's two claims (stllm_jax/demo.py).
+colour at 4-16 frames, and prints the tables of the paper's two claims (stllm_jax/demo/run.py).
 """
 
 import ml_collections
 
 from stllm_jax import configlib, defaults
-from stllm_jax.data import synthetic
-from stllm_jax.demo import DemoConfig
+from stllm_jax.demo import synthetic
+from stllm_jax.demo.run import DemoConfig
 
 TRAIN_FRAMES = 8
 
@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.llm.update(vocab_size=config.demo.llm_vocab_size, width=128, num_layers=3, num_heads=4, num_kv_heads=4,
                    mlp_dim=256, max_positions=256)
   model.mvm_head = True
-  # As the paper: the ViT, ln_vision and the Q-Former are pretrained (here by stllm_jax/tower_pretraining.py, the
+  # As the paper: the ViT, ln_vision and the Q-Former are pretrained (here by stllm_jax/demo/tower_pretraining.py, the
   # demo's stand-in for EVA-CLIP + InstructBLIP) and frozen; the projection and the LLM learn, MVM at weight 1.
   config.train.update(steps=1600, mvm_weight=1.0, batch_size=16, grad_accum_steps=1, lr=1e-3, warmup_fraction=0.03,
                       log_every=50, checkpoint_every=800)

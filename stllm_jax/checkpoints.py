@@ -7,7 +7,7 @@ Model weights (what the converter writes and training starts from, what chat and
     DIR/tokenizers/      optional: `llm/` and `qformer/` Hugging Face tokenizer directories
     DIR/conversion.json  optional: where the weights came from (source kind and paths), for `convert verify`
     DIR/digests.json     fingerprints of every array (and of model.json), checked on every load
-A weights directory may hold part of the model only (`convert hf-llama`: the `llm/` params); `load_model`
+A weights directory may hold part of the model only (`convert hf-llama`: the `llm/` params); `check_complete`
 names the missing parts. It is written under a temporary name and renamed when complete, so a directory
 with the final name is always whole.
 Training runs (`WORKDIR/checkpoints/<step>/`): an orbax CheckpointManager whose every step holds the
@@ -24,8 +24,6 @@ Training then falls back to the newest intact step; chat, evaluation and export 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -36,13 +34,12 @@ from absl import logging as absl_logging
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from stllm_jax import integrity, sharding, step
+from stllm_jax import integrity, sharding
 from stllm_jax.errors import UserError
-from stllm_jax.models import bt_adapter, stllm
+from stllm_jax.models import stllm
 
 MODEL_JSON = 'model.json'
 PARAMS_DIR = 'params'
@@ -57,11 +54,11 @@ class DamagedCheckpoint(UserError):
   """A checkpoint or weights directory whose files do not hold what was saved (or cannot be read)."""
 
 
-def _damaged(where: str, problem: str) -> DamagedCheckpoint:
+def damaged(where: str, problem: str) -> DamagedCheckpoint:
   return DamagedCheckpoint(f'{where} is damaged: {problem}')
 
 
-def _read_error(error: BaseException) -> str:
+def read_error(error: BaseException) -> str:
   """The first line of a read error, without tensorstore's dump of its spec."""
   lines = str(error).strip().splitlines()
   first = lines[0].split('. See full TensorStore details')[0] if lines else ''
@@ -161,7 +158,7 @@ def load_weights(path: str, abstract_params: Any) -> Any:
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), abstract_params)
   except Exception as error:  # whatever a damaged file makes orbax / tensorstore raise  # pylint: disable=broad-except
-    raise _damaged(f'weights directory {path}', f'{PARAMS_DIR}/ cannot be read ({_read_error(error)}); '
+    raise damaged(f'weights directory {path}', f'{PARAMS_DIR}/ cannot be read ({read_error(error)}); '
                    'convert the weights again') from None
   _check_weights_digests(path, model_config, params)
   return params
@@ -178,13 +175,13 @@ def _check_weights_digests(path: str, model_config: dict, params: Any) -> None:
       stored = json.load(f)
     expected_params, expected_model = stored['params'], stored[MODEL_JSON]
   except (OSError, ValueError, KeyError, TypeError) as error:
-    raise _damaged(f'weights directory {path}', f'{DIGESTS_JSON} cannot be read ({_read_error(error)})') from None
+    raise damaged(f'weights directory {path}', f'{DIGESTS_JSON} cannot be read ({read_error(error)})') from None
   if integrity.json_sha256(model_config) != expected_model:
-    raise _damaged(f'weights directory {path}', f'{MODEL_JSON} was changed after the weights were written')
+    raise damaged(f'weights directory {path}', f'{MODEL_JSON} was changed after the weights were written')
   actual = integrity.digests(params)
   changed = integrity.mismatches({k: v for k, v in expected_params.items() if k in actual}, actual)
   if changed:
-    raise _damaged(f'weights directory {path}', f'{len(changed)} arrays under {PARAMS_DIR}/ differ from what '
+    raise damaged(f'weights directory {path}', f'{len(changed)} arrays under {PARAMS_DIR}/ differ from what '
                    f'was written (e.g. {", ".join(changed[:3])}); convert the weights again')
 
 
@@ -278,7 +275,7 @@ class RunCheckpoints:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                     extra=ocp.args.JsonRestore()))
     except Exception as error:  # whatever a damaged file makes orbax / tensorstore raise  # pylint: disable=broad-except
-      raise _damaged(where, f'it cannot be read ({_read_error(error)})') from None
+      raise damaged(where, f'it cannot be read ({read_error(error)})') from None
     check_run_digests(where, restored.extra, restored.state)
     return restored.state, restored.extra
 
@@ -306,19 +303,19 @@ def check_run_digests(where: str, extra: Any, state: Any, only: str = '') -> Non
   match the fingerprints saved with them. A step written before fingerprints existed is let through with a
   warning."""
   if not isinstance(extra, dict):
-    raise _damaged(where, 'its JSON item is not an object')
+    raise damaged(where, 'its JSON item is not an object')
   if 'sha256' not in extra and 'digests' not in extra:
     print(f'warning: {where} has no fingerprints (written by an older stllm_jax); its arrays cannot be checked '
           'for damage', file=sys.stderr)
     return
   saved_sha = extra.get('sha256')
   if saved_sha != integrity.json_sha256({k: v for k, v in extra.items() if k != 'sha256'}):
-    raise _damaged(where, 'its JSON item (data-iterator state, config, fingerprints) was changed after the save')
+    raise damaged(where, 'its JSON item (data-iterator state, config, fingerprints) was changed after the save')
   actual = integrity.digests(state)
   expected = {k: v for k, v in extra['digests'].items() if k.startswith(only)}
   changed = integrity.mismatches(expected, actual)
   if changed:
-    raise _damaged(where, f'{len(changed)} arrays differ from what was saved (e.g. {", ".join(changed[:3])})')
+    raise damaged(where, f'{len(changed)} arrays differ from what was saved (e.g. {", ".join(changed[:3])})')
 
 
 def checksums(tree: Any) -> dict[str, list[float]]:
@@ -340,64 +337,6 @@ def checksum_mismatches(expected: dict[str, list[float]], actual: dict[str, list
           or not np.allclose(expected[p], actual[p], rtol=rtol, atol=1e-6)]
 
 
-# ---------------------------------------------------------------------------------------- model assembly
-
-def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
-                   log: Callable[[str], None] = lambda message: None) -> Any:
-  """The params a run starts from, placed with `shardings`: random (seeded) or `config.init.checkpoint`
-  (strictly: every stored leaf used, every model leaf filled, except fresh `config.init.new_params`)."""
-  fresh = jax.jit(functools.partial(stllm.init_params, model_cfg), out_shardings=shardings)(
-      jax.random.key(config.seed))
-  path = config.init.checkpoint
-  if not path:
-    log(f'random initial weights (seed {config.seed})')
-    return _with_adapter_from_vit(fresh, model_cfg, shardings, config.seed, log)
-  stored = stored_param_shapes(path)
-  flat_fresh = flax.traverse_util.flatten_dict(fresh, sep='/')
-  expected = {k: tuple(v.shape) for k, v in flat_fresh.items()}
-  unknown = sorted(set(stored) - set(expected))
-  misshaped = sorted(f'{k} {list(stored[k])} vs model {list(expected[k])}'
-                     for k in set(stored) & set(expected) if stored[k] != expected[k])
-  absent = sorted(set(expected) - set(stored))
-  not_new = [k for k in absent if not step.is_frozen(k, tuple(config.init.new_params))]
-  if unknown or misshaped or not_new:
-    lines = [f'{path} does not fit config.model:']
-    for title, items in (('in the checkpoint, not in the model', unknown), ('mis-shaped', misshaped),
-                         ('in the model, not in the checkpoint (and not in init.new_params)', not_new)):
-      if items:
-        lines.append(f'  {title}: {len(items)}, e.g. ' + ', '.join(items[:5]))
-    raise UserError('\n'.join(lines))
-  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep='/')
-  target = flax.traverse_util.unflatten_dict(
-      {k: jax.ShapeDtypeStruct(flat_fresh[k].shape, flat_fresh[k].dtype, sharding=flat_shardings[k]) for k in stored},
-      sep='/')
-  loaded = flax.traverse_util.flatten_dict(load_weights(path, target), sep='/')
-  log(f'initial weights from {path}' + (f'; newly initialised: {", ".join(sorted({k.split("/")[0] for k in absent}))}'
-                                        if absent else ''))
-  params = flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in flat_fresh.items()}, sep='/')
-  if any(k.startswith(f'{ADAPTER}/') for k in stored):
-    return params
-  return _with_adapter_from_vit(params, model_cfg, shardings, config.seed, log)
-
-
-ADAPTER = 'bt_adapter'
-
-
-def _with_adapter_from_vit(params: Any, model_cfg: stllm.STLLMConfig, shardings: Any, seed: int,
-                           log: Callable[[str], None]) -> Any:
-  """`params` with the BT-Adapter started as the released code starts it (spatial layers copied from the ViT's
-  last blocks, see `bt_adapter.init_from_vit`); unchanged for a model without one."""
-  depth = model_cfg.vision.bt_adapter.depth
-  if not depth:
-    return params
-  first = model_cfg.vision.depth - depth
-  log(f'BT-Adapter started from ViT blocks {first}-{model_cfg.vision.depth - 1} (spatial layers), zero temporal '
-      'output and CLS, N(0, 1) frame positions, as the released code starts it')
-  start = jax.jit(lambda p, key: bt_adapter.init_from_vit(p, model_cfg, key), out_shardings=shardings,
-                  donate_argnums=0)
-  return start(params, jax.random.fold_in(jax.random.key(seed), 0x42544144))
-
-
 @contextlib.contextmanager
 def _orbax_quiet() -> Iterator[None]:
   """Hides orbax's warning that a checkpoint opened read-only is read-only (it is meant to be)."""
@@ -409,66 +348,22 @@ def _orbax_quiet() -> Iterator[None]:
     absl_logging.set_verbosity(previous)
 
 
-@dataclasses.dataclass
-class LoadedModel:
-  model_config: ml_collections.ConfigDict  # config.model
-  params: Any  # the full param tree, placed on the mesh
-  llm_tokenizer: str  # local tokenizer directories ('' if the source names none)
-  qformer_tokenizer: str
-  description: str  # what was loaded, for messages
 
-
-def load_model(path: str, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
-  """A model for inference from either a weights directory (`convert` output) or a training workdir (its
-  latest checkpoint; frozen parts come from the run's `init.checkpoint` or its seeded initialisation)."""
-  mesh = mesh or sharding.make_mesh('fsdp=1')
-  if is_weights_dir(path):
-    model = ml_collections.ConfigDict(read_model_config(path))
-    check_complete(path, model)
-    shardings = sharding.param_shardings(stllm.abstract_variables(model), mesh)
-    abstract = jax.tree_util.tree_map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                                      flax.linen.meta.unbox(stllm.abstract_variables(model))['params'], shardings)
-    tokenizers = os.path.join(path, TOKENIZERS_DIR)
-    tok = lambda name: os.path.join(tokenizers, name) if os.path.isdir(os.path.join(tokenizers, name)) else ''
-    return LoadedModel(model, load_weights(path, abstract), tok('llm'), tok('qformer'), f'weights {path}')
-  run_dir = os.path.join(path, 'checkpoints')
-  found = latest_run_extra(path)
-  if found is None:
-    raise UserError(f'{path} is neither a weights directory (with {MODEL_JSON} and {PARAMS_DIR}/) nor a '
-                    f'training workdir with a checkpoint (in {run_dir}/)')
-  latest, extra = found
-  where = f'checkpoint step {latest} in {os.path.abspath(run_dir)}'
-  try:
-    config = ml_collections.ConfigDict(extra['config'])
-  except Exception as error:  # a damaged JSON item  # pylint: disable=broad-except
-    raise _damaged(where, f'its JSON item cannot be read ({_read_error(error)})') from None
-  resolve = functools.partial(resolve_run_path, origin=extra.get('origin', {}), workdir=path)
-  config.init.checkpoint = resolve(config.init.checkpoint)
-  if config.init.checkpoint and not os.path.isdir(config.init.checkpoint):
-    raise UserError(f'the run in {path} started from the weights {config.init.checkpoint} (config.init.checkpoint), '
-                    'which are no longer there; its frozen towers come from them')
-  model_cfg = stllm.model_config(config.model)
-  shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
-  params = initial_params(config, model_cfg, shardings)
-  trainable, frozen = step.split_params(params, tuple(config.train.frozen))
-  changed = checksum_mismatches(extra.get('frozen_checksums', checksums(frozen)), checksums(frozen))
-  if changed:
-    raise UserError(f'the frozen weights {config.init.checkpoint or "(seeded initialisation)"} differ from those the '
-                    f'run in {path} was trained with ({len(changed)} params, e.g. {changed[0]})')
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainable)
+def restore_run_params(workdir: str, step: int, extra: Mapping[str, Any], target: Any) -> Any:
+  """The trainable params saved at `step` of the run in `workdir` (target: their abstract arrays, placed),
+  checked against the step's fingerprints."""
+  run_dir = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  where = f'checkpoint step {step} in {run_dir}'
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       restored = checkpointer.restore(
-          os.path.join(os.path.abspath(run_dir), str(latest), 'state'),
+          os.path.join(run_dir, str(step), 'state'),
           args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
                                       restore_args=ocp.checkpoint_utils.construct_restore_args({'params': target})))
   except Exception as error:  # whatever a damaged file makes orbax / tensorstore raise  # pylint: disable=broad-except
-    raise _damaged(where, f'its params cannot be read ({_read_error(error)})') from None
+    raise damaged(where, f'its params cannot be read ({read_error(error)})') from None
   check_run_digests(where, extra, {'params': restored['params']}, only='params/')
-  params = step.merge_params(restored['params'], frozen)
-  data = config.get('data', {})
-  return LoadedModel(config.model, params, resolve(data.get('llm_tokenizer', '')),
-                     resolve(data.get('qformer_tokenizer', '')), f'step {latest} of the run in {path}')
+  return restored['params']
 
 
 def latest_run_extra(workdir: str) -> tuple[int, dict] | None:
@@ -485,8 +380,8 @@ def latest_run_extra(workdir: str) -> tuple[int, dict] | None:
     try:
       return latest, manager.restore(latest, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
     except Exception as error:  # a damaged JSON item  # pylint: disable=broad-except
-      raise _damaged(f'checkpoint step {latest} in {run_dir}',
-                     f'its JSON item cannot be read ({_read_error(error)})') from None
+      raise damaged(f'checkpoint step {latest} in {run_dir}',
+                     f'its JSON item cannot be read ({read_error(error)})') from None
 
 
 def run_origin(workdir: str) -> dict[str, str]:

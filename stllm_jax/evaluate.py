@@ -41,7 +41,6 @@ from stllm_jax.data import annotations, conversation, inference
 from stllm_jax.data.errors import SampleError
 from stllm_jax.errors import UserError, exit_with
 
-INTERRUPT_AFTER_ENV = 'STLLM_EVAL_INTERRUPT_AFTER'  # fault injection: Ctrl-C after N batches (resume tests)
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
 
 # The released MVBench decoding: greedy, 100 new tokens, stop at '###', and min_length=1 on inputs_embeds, which in
@@ -287,12 +286,11 @@ def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log:
   if log.done:
     print(f'resuming: {len(items) - len(todo)} of {len(items)} questions already answered in {log.path}', file=out,
           flush=True)
-  interrupt_after = int(os.environ.get(INTERRUPT_AFTER_ENV, '0'))
   stats = generate.GenerationStats()
   progress = tqdm(total=len(items), initial=len(items) - len(todo), unit='question', file=sys.stderr,
                   dynamic_ncols=True)
   try:
-    for batch_number, first in enumerate(range(0, len(todo), batch_size), 1):
+    for first in range(0, len(todo), batch_size):
       batch = todo[first:first + batch_size]
       records, requests, readable = [], [], []
       for item in batch:
@@ -317,8 +315,6 @@ def answer_items(generator: generate.VideoGenerator, items: Sequence[Item], log:
       log.append(records)
       progress.update(len(batch))
       progress.set_postfix_str(f'{stats.tokens_per_second:.1f} tokens/s', refresh=False)
-      if interrupt_after and batch_number >= interrupt_after and first + batch_size < len(todo):
-        raise KeyboardInterrupt
   finally:
     progress.close()
   return stats

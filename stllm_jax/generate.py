@@ -524,9 +524,9 @@ class VideoGenerator:
 
 
 def load_generator(checkpoint: str, llm_tokenizer: str = '', qformer_tokenizer: str = '') -> VideoGenerator:
-  """A VideoGenerator from a weights directory or a training workdir (see checkpoints.load_model); tokenizers
+  """A VideoGenerator from a weights directory or a training workdir (see loading.load_model); tokenizers
   from the checkpoint unless given. Anything unusable raises UserError naming it."""
-  from stllm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from stllm_jax import checkpoints, loading  # pylint: disable=g-import-not-at-top
   from stllm_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
   from stllm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(checkpoint):
@@ -536,7 +536,7 @@ def load_generator(checkpoint: str, llm_tokenizer: str = '', qformer_tokenizer: 
     raise UserError(f'checkpoint {checkpoint} is neither a weights directory (with {checkpoints.MODEL_JSON} and '
                     f'{checkpoints.PARAMS_DIR}/) nor a training workdir (with checkpoints/)')
   try:
-    loaded = checkpoints.load_model(checkpoint)
+    loaded = loading.load_model(checkpoint)
   except UserError:
     raise
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -36,7 +36,7 @@ import gradio as gr  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-from stllm_jax import chat, checkpoints, demo, generate  # noqa: E402  pylint: disable=wrong-import-position
+from stllm_jax import chat, checkpoints, generate  # noqa: E402  pylint: disable=wrong-import-position
 from stllm_jax.data import conversation, inference, transforms  # noqa: E402  pylint: disable=wrong-import-position
 from stllm_jax.data.errors import SampleError  # noqa: E402  pylint: disable=wrong-import-position
 from stllm_jax.errors import UserError, exit_with  # noqa: E402  pylint: disable=wrong-import-position
@@ -81,7 +81,9 @@ def demo_videos(checkpoint: str) -> list[str]:
   if found is None or 'demo' not in found[1].get('config', {}):
     return []
   _, extra = found
-  data_dir = extra['config']['demo'].get('data_dir', demo.DemoConfig.data_dir)
+  data_dir = extra['config']['demo'].get('data_dir')  # every demo run saves it (stllm_jax/demo/run.py)
+  if not data_dir:
+    return []
   data_dir = checkpoints.resolve_run_path(data_dir, extra.get('origin', {}), checkpoint)
   return sorted(glob.glob(os.path.join(data_dir, 'videos', 'test_*')))
 

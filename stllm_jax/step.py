@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from stllm_jax import configlib, losses, masking
+from stllm_jax import params as params_lib
 from stllm_jax.models import layers
 from stllm_jax.models.stllm import STLLM, model_config
 
@@ -102,27 +103,6 @@ class TrainState:
   rng: jax.Array  # uint32 key data; split once per step
 
 
-# ------------------------------------------------------------------------------------------ parameters
-
-def is_frozen(path: str, patterns: tuple[str, ...]) -> bool:
-  return any(re.fullmatch(p, path) for p in patterns)
-
-
-def split_params(params: Any, frozen_patterns: tuple[str, ...]) -> tuple[dict, dict]:
-  """(trainable, frozen): two nested dicts with disjoint leaves whose union is `params`."""
-  flat = flax.traverse_util.flatten_dict(params, sep='/')
-  trainable = {k: v for k, v in flat.items() if not is_frozen(k, frozen_patterns)}
-  frozen = {k: v for k, v in flat.items() if is_frozen(k, frozen_patterns)}
-  unflatten = lambda d: flax.traverse_util.unflatten_dict(d, sep='/')
-  return unflatten(trainable), unflatten(frozen)
-
-
-def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
-  flat = flax.traverse_util.flatten_dict(dict(frozen), sep='/')
-  flat.update(flax.traverse_util.flatten_dict(dict(trainable), sep='/'))
-  return flax.traverse_util.unflatten_dict(flat, sep='/')
-
-
 # ------------------------------------------------------------------------------------------ optimizer
 
 def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -166,7 +146,7 @@ def micro_batch_loss(trainable: Any, frozen: Any, batch: Mapping[str, jax.Array]
   b, num_frames = batch['frames'].shape[:2]
   num_visual = model_config(model.config).num_visual_tokens(num_frames)
   keep = masking.keep_indices(mask_key, b, num_visual, n_slots, n_keep) if cfg.masking.enabled else None
-  out = model.apply({'params': merge_params(trainable, frozen)}, batch, keep, n_keep, cfg.mvm_weight > 0,
+  out = model.apply({'params': params_lib.merge_params(trainable, frozen)}, batch, keep, n_keep, cfg.mvm_weight > 0,
                     deterministic=False, rngs={'dropout': dropout_key}, method='training_pass')
   lm_sum, lm_count = losses.lm_loss_sum(out.text_logits, batch['input_ids'], batch['answer_mask'])
   loss = lm_sum / lm_norm

@@ -28,7 +28,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from stllm_jax import checkpoints, demo, masking, sharding, step
+from stllm_jax import checkpoints, loading, masking, sharding, step
+from stllm_jax import params as params_lib
 from stllm_jax.data import pipeline
 from stllm_jax.data.errors import DataError
 from stllm_jax.data.random_batches import RandomBatches
@@ -41,11 +42,23 @@ config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics); default runs/<config name>')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; set by launch/ scripts)')
 
-KILL_AT_STEP_ENV = 'STLLM_KILL_AT_STEP'  # fault injection: SIGKILL this process before step N (resume tests)
-
-
 def main(argv):
   del argv
+  command(train_config)
+
+
+def train_config(config: Any, workdir: str) -> dict:
+  """`train`, except for the demo's config (its towers, data and evaluation belong to `python -m stllm_jax.demo`)."""
+  if 'demo' in config:
+    raise UserError("this is the built-in demo's config: run it with python -m stllm_jax.demo "
+                    '(--config FILE for another demo config; the same --workdir and --config.X flags)')
+  return train(config, workdir)
+
+
+def command(run: Callable[[Any, str], Any]) -> None:
+  """What `train` and the demo (`python -m stllm_jax.demo`) share: quiet logs, the compilation cache, the config
+  flag, `--distributed`, the workdir (default runs/<config name>); then `run(config, workdir)`. A mistake the user
+  can fix ends in one line."""
   logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
   quiet_background_write_failures()
   enable_compilation_cache()
@@ -55,10 +68,7 @@ def main(argv):
       jax.distributed.initialize()
     workdir = FLAGS.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
         config_flags.get_config_filename(FLAGS['config'])))[0])
-    if 'demo' in config:  # configs/demo.py: data, training, evaluation and the claims' tables
-      demo.run(config, workdir, train)
-    else:
-      train(config, workdir)
+    run(config, workdir)
   except (UserError, DataError) as error:
     exit_with(error)
 
@@ -102,13 +112,13 @@ def train(config: Any, workdir: str) -> dict:
   model = stllm.STLLM(model_cfg)
   abstract = stllm.abstract_variables(model_cfg)
   shardings = sharding.param_shardings(abstract, mesh)
-  params = checkpoints.initial_params(config, model_cfg, shardings, log)
-  trainable, frozen = step.split_params(params, train_cfg.frozen)
+  params = loading.initial_params(config, model_cfg, shardings, log)
+  trainable, frozen = params_lib.split_params(params, train_cfg.frozen)
   del params
   log(f'trainable {_count(trainable):,d} params, frozen {_count(frozen):,d}')
   schedule = step.make_schedule(train_cfg, total_steps)
   tx = step.make_optimizer(train_cfg, schedule)
-  state = step.init_state(trainable, tx, config.seed, step.split_params(shardings, train_cfg.frozen)[0], mesh)
+  state = step.init_state(trainable, tx, config.seed, params_lib.split_params(shardings, train_cfg.frozen)[0], mesh)
 
   run = checkpoints.RunCheckpoints(workdir, train_cfg.checkpoints_to_keep)
   frozen_sums = checkpoints.checksums(frozen)
@@ -116,8 +126,7 @@ def train(config: Any, workdir: str) -> dict:
   start = int(state.step)
   if start >= total_steps:
     run.close()
-    if hasattr(data, 'close'):
-      data.close()
+    data.close()
     log(f'{workdir} is trained already ({start} of {total_steps} steps); nothing to do')
     return {}
 
@@ -128,7 +137,6 @@ def train(config: Any, workdir: str) -> dict:
   writer = MetricsWriter(workdir)
   stop = {'signal': None}
   previous_handlers = _stop_on_signals(stop)
-  kill_at = int(os.environ.get(KILL_AT_STEP_ENV, '0'))
   guard = StepGuard(train_cfg.max_nonfinite_in_a_row)
   saved = {'step': start if start else None}
 
@@ -153,9 +161,6 @@ def train(config: Any, workdir: str) -> dict:
   try:
     with sharding.activate(mesh):
       for current in range(start, total_steps):
-        if kill_at and current + 1 == kill_at:
-          run.wait()
-          os.kill(os.getpid(), signal.SIGKILL)
         host_batch = next(data)
         num_visual = model_cfg.num_visual_tokens(host_batch['frames'].shape[1])
         plan = masking.step_mask_plan(current, config.seed, num_visual, train_cfg.masking)
@@ -191,8 +196,7 @@ def train(config: Any, workdir: str) -> dict:
     finally:
       run.close()
       writer.close()
-      if hasattr(data, 'close'):
-        data.close()
+      data.close()
   if skips.summary():
     log(skips.summary())
   if stop['signal']:
@@ -438,7 +442,7 @@ def missing_dataset(spec: pipeline.DatasetSpec) -> str:
   return f'dataset {spec.name}: no {" and no ".join(missing)}' if missing else ''
 
 
-def make_data(config: Any, model_cfg: Any, train_cfg: Any):
+def make_data(config: Any, model_cfg: Any, train_cfg: Any) -> pipeline.BatchIterator:
   """The training batch iterator for this host: numpy batches of batch_size / process_count samples."""
   if uses_random_data(config):
     return RandomBatches(config.data, model_cfg, train_cfg.batch_size, jax.process_index(), jax.process_count())

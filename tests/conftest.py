@@ -4,9 +4,9 @@
 single-device code runs on the first of them.
 """
 
+import json
 import os
-
-import tempfile  # noqa: E402
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # One compilation cache for the session and the subprocesses it starts: a program compiles once.
@@ -59,8 +59,20 @@ def parity(report):
   return record
 
 
+def pytest_sessionfinish(session):
+  """Under pytest-xdist, a worker hands its report lines to the controller, which prints them."""
+  if hasattr(session.config, 'workeroutput'):
+    session.config.workeroutput['report'] = json.dumps(_REPORT)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  for section, lines in json.loads(node.workeroutput.get('report', '{}')).items():
+    _REPORT.setdefault(section, []).extend(lines)
+
+
 def pytest_terminal_summary(terminalreporter):
-  for section, lines in _REPORT.items():
+  for section, lines in sorted(_REPORT.items()):
     terminalreporter.write_sep('-', section)
     for line in lines:
       terminalreporter.write_line(line)

@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from stllm_jax.convert import hf
-from stllm_jax.data import tiny_tokenizers
+from stllm_jax.demo import tiny_tokenizers
 
 CORPUS = ['a red ball moves to the left', 'what colour is the square', 'the video shows a blue circle'] * 3
 

@@ -10,7 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 import transformers
 
-from stllm_jax.data import tiny_tokenizers
+from stllm_jax.demo import tiny_tokenizers
 
 CORPUS = ['###Human: Describe the video. What moves? ###Assistant: A red ball moves to the left.',
           'Which direction does the blue square move?\nOptions:\n(A) left\n(B) right', 'It moves up.']

@@ -1,7 +1,7 @@
 """A tiny random ST-LLM checkpoint and an MVBench-layout set with every media kind, built once per test process.
 
     build() -> Paths(root, checkpoint, mvbench, video)
-    root/synthetic/                 `python -m stllm_jax.data.synthetic` output (2 tasks of mp4 videos)
+    root/synthetic/                 `python -m stllm_jax.demo.synthetic` output (2 tasks of mp4 videos)
     root/synthetic/mvbench/         + a GIF task, a frame-folder task with start/end, an mp4 task with start/end,
                                       and a task whose video is missing; tasks.json lists them all
     root/checkpoint/                configs/tiny.py model, random weights, the synthetic set's tokenizers
@@ -20,7 +20,7 @@ import jax
 
 from data_helpers import decode_all, write_frame_folder, write_video
 from stllm_jax import checkpoints, configlib
-from stllm_jax.data import synthetic
+from stllm_jax.demo import synthetic
 from stllm_jax.models import stllm
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')

@@ -9,7 +9,7 @@
     ask(driver, question) -> answer text              typed and sent; the streamed answer once finished
     screenshot(driver, path)                          the page from its top, as a PNG
 
-Regenerate the README's screenshot on the demo model (after `python -m stllm_jax.train --config configs/demo.py`):
+Regenerate the README's screenshot on the demo model (after `python -m stllm_jax.demo`):
     python tests/serve_browser.py --checkpoint runs/demo --video data/demo/videos/test_0000_a.mp4 --frames 8 \\
         --question "In which direction does the square move?" --screenshot docs/serve.png
 """

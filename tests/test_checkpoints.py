@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from stllm_jax import checkpoints, sharding, train
+from stllm_jax import checkpoints, loading, sharding, train
 from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
 
@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory, tiny_config):
 
 def test_workdir_loads_trained_and_frozen_parts(tiny_run, tiny_params):
   config, workdir = tiny_run
-  loaded = checkpoints.load_model(str(workdir))
+  loaded = loading.load_model(str(workdir))
   assert loaded.description == f'step 2 of the run in {workdir}'
   # frozen towers are the run's seeded initialisation; the LLM has moved away from it
   np.testing.assert_array_equal(loaded.params['vision']['patch_embed']['kernel'],
@@ -34,9 +34,9 @@ def test_workdir_loads_trained_and_frozen_parts(tiny_run, tiny_params):
 
 
 def test_weights_directory_round_trip(tiny_run, tmp_path):
-  loaded = checkpoints.load_model(str(tiny_run[1]))
+  loaded = loading.load_model(str(tiny_run[1]))
   checkpoints.save_weights(str(tmp_path / 'weights'), loaded.params, loaded.model_config.to_dict())
-  again = checkpoints.load_model(str(tmp_path / 'weights'))
+  again = loading.load_model(str(tmp_path / 'weights'))
   jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, loaded.params)
   assert again.description == f'weights {tmp_path / "weights"}'
   with pytest.raises(FileExistsError, match='already exists'):
@@ -45,7 +45,7 @@ def test_weights_directory_round_trip(tiny_run, tmp_path):
 
 def test_neither_weights_nor_workdir_is_explained(tmp_path):
   with pytest.raises(UserError, match='neither a weights directory .* nor a .*training workdir'):
-    checkpoints.load_model(str(tmp_path))
+    loading.load_model(str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()  # looking did not create anything
 
 
@@ -77,7 +77,7 @@ def test_a_bt_adapter_starts_from_the_vits_last_blocks_when_the_weights_lack_it(
   mesh = sharding.make_mesh('fsdp=1')
   shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
   messages = []
-  params = checkpoints.initial_params(config, model_cfg, shardings, messages.append)
+  params = loading.initial_params(config, model_cfg, shardings, messages.append)
   assert any('BT-Adapter started from ViT blocks 1-1' in m for m in messages), messages
   adapter, vision = params['bt_adapter'], params['vision']['blocks']['layers']
   last_block = jax.tree_util.tree_map(lambda x: np.asarray(x[-1]), vision)  # scanned: block 1 of 2

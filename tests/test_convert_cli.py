@@ -22,7 +22,7 @@ import transformers
 
 import convert_layouts as layouts
 from conftest import randomize_
-from stllm_jax import checkpoints, configlib, sharding
+from stllm_jax import checkpoints, configlib, loading, sharding
 from stllm_jax.convert import cli, export, reference, sources, verify
 from stllm_jax.data import conversation
 from stllm_jax.errors import UserError
@@ -124,7 +124,7 @@ def test_hf_instructblip_converts_and_verifies(world, hf_sources, capsys, report
   assert status == 0 and 'OK' in printed, printed + err
   verified(report, 'hf-instructblip (safetensors)', out, verify.SourceSpec('hf-instructblip',
                                                                           {'source': hf_sources['safetensors']}))
-  model = checkpoints.load_model(out)
+  model = loading.load_model(out)
   assert model.llm_tokenizer and model.qformer_tokenizer
   assert conversation.load_qformer_tokenizer(model.qformer_tokenizer).convert_tokens_to_ids('[DEC]') == 127
 
@@ -186,7 +186,7 @@ def test_lavis_converts_and_verifies(world, lavis_paths, capsys, report):
   with open(os.path.join(out, 'model.json')) as f:
     model = json.load(f)
   assert model['ln_vision_eps'] == 1e-5 and model['llm']['vocab_size'] == world.cfg.llm.vocab_size
-  loaded = checkpoints.load_model(out)
+  loaded = loading.load_model(out)
   tokenizer = conversation.load_llm_tokenizer(loaded.llm_tokenizer)
   assert tokenizer.pad_token_id == world.cfg.llm.vocab_size - 1
 
@@ -284,7 +284,7 @@ def test_stllm_qa_checkpoint_verifies_and_its_features_are_the_reference_towers(
   _, out = qa_converted
   verified(report, 'stllm QA with BT-Adapter (float32, 4 frames)', out, verify.SourceSpec.resolve(out),
            num_frames=4)
-  loaded = checkpoints.load_model(out)
+  loaded = loading.load_model(out)
   cfg = stllm.model_config(loaded.model_config)
   frames = np.random.default_rng(3).standard_normal((2, 4, 56, 56, 3)).astype(np.float32)
   ours = np.asarray(stllm.STLLM(cfg).apply({'params': loaded.params}, frames, method='vision_tokens'))
@@ -387,7 +387,7 @@ def test_hf_llama_converts_verifies_and_exports(world, capsys, report):
   assert set(checkpoints.stored_param_shapes(out)) == {k for k in flat_params(out) if k.startswith('llm/')}
   verified(report, 'hf-llama (LLM alone)', out, verify.SourceSpec.resolve(out))
   with pytest.raises(UserError, match=r'lacks .* params \(of ln_vision, projection, qformer, vision\)'):
-    checkpoints.load_model(out)
+    loading.load_model(out)
   exported = fresh(world, 'llama_exported')
   status, _, err = run_cli(capsys, 'export-hf', out, exported)
   assert status == 0, err
@@ -483,7 +483,7 @@ def test_sharded_writing_gives_per_shard_chunks_and_the_same_params(world, hf_so
   # llm/embed/embedding [vocab, embed]: embed (64) over fsdp=8 -> each chunk is one device's [vocab, 8]
   assert tree['llm']['embed']['embedding'].storage.chunk_shape == (world.cfg.llm.vocab_size, 8)
   mesh = sharding.make_mesh('fsdp=8')
-  loaded = checkpoints.load_model(out, mesh)
+  loaded = loading.load_model(out, mesh)
   embedding = loaded.params['llm']['embed']['embedding']
   assert embedding.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
   expected, actual = flat_params(hf_converted), flax.traverse_util.flatten_dict(loaded.params, sep='/')
@@ -500,7 +500,7 @@ def test_training_starts_from_converted_weights(world, hf_converted):
   mesh = sharding.make_mesh('fsdp=2')
   shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
   messages = []
-  params = checkpoints.initial_params(config, model_cfg, shardings, messages.append)
+  params = loading.initial_params(config, model_cfg, shardings, messages.append)
   assert 'newly initialised: mvm_dense, mvm_norm' in messages[0]
   stored = flat_params(hf_converted)
   np.testing.assert_array_equal(np.asarray(params['qformer']['query_tokens']), stored['qformer/query_tokens'])

@@ -1,6 +1,7 @@
 """The built-in demo: a shortened run of the real command (all three models, tables, JSON, PNG, chat on its
 workdir), the accuracy bookkeeping on hand-made answers, and why mean pooling cannot see direction."""
 
+import ast
 import json
 import os
 import subprocess
@@ -10,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from stllm_jax import chat, configlib, demo
+from stllm_jax import chat, configlib, train
 from stllm_jax.configlib import load_config_file
-from stllm_jax.data import inference, synthetic
+from stllm_jax.data import inference
+from stllm_jax.demo import run as demo, synthetic
 from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
 
@@ -26,11 +28,11 @@ SHORT = ['--config.train.steps=3', '--config.train.log_every=1', '--config.demo.
 
 @pytest.fixture(scope='module')
 def short_demo(tmp_path_factory):
-  """`python -m stllm_jax.train --config configs/demo.py` with the ablation, shortened, run where a user would
-  (data/demo relative to the working directory)."""
+  """`python -m stllm_jax.demo` (configs/demo.py by default) with the ablation, shortened, run where a user
+  would (data/demo relative to the working directory)."""
   cwd = tmp_path_factory.mktemp('demo')
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, XLA_FLAGS='')
-  result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', DEMO_CONFIG, '--workdir=runs/demo',
+  result = subprocess.run([sys.executable, '-m', 'stllm_jax.demo', '--workdir=runs/demo',
                            '--config.demo.ablation=True', *SHORT], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -60,16 +62,25 @@ def test_short_demo_trains_evaluates_and_reports_every_model(short_demo):
   assert len(answers) == 2 * 2 * len(demo.QUESTION_KINDS) * 2
 
 
-def test_rerun_resumes_and_reuses_the_evaluations(short_demo):
+def test_rerun_resumes_and_reuses_the_evaluations(short_demo, monkeypatch):
+  """The same demo again (in-process): nothing is rebuilt, trained or evaluated again, and the saved tables
+  are printed."""
   cwd, _ = short_demo
+  monkeypatch.chdir(cwd)
   before = (cwd / 'runs' / 'demo' / demo.EVAL_JSON).stat().st_mtime_ns
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, XLA_FLAGS='')
-  result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', DEMO_CONFIG, '--workdir=runs/demo',
-                           *SHORT], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'writing the synthetic set' not in result.stdout  # the data was there
+  overrides = dict(arg[len('--config.'):].split('=', 1) for arg in SHORT)
+  config = demo.with_overrides(load_config_file(DEMO_CONFIG), {k: ast.literal_eval(v) for k, v in overrides.items()})
+  lines = []
+  demo.run(config, 'runs/demo', train.train, log=lines.append)
+  assert not any('writing the synthetic set' in line for line in lines)  # the data was there
   assert (cwd / 'runs' / 'demo' / demo.EVAL_JSON).stat().st_mtime_ns == before  # same step: not evaluated again
-  assert 'Claim 2' in result.stdout
+  assert any('Claim 2' in line for line in lines)
+
+
+def test_the_trainer_points_the_demo_config_to_the_demo(tmp_path):
+  """The trainer does not run the demo (its towers, data and evaluation): one line says what does."""
+  with pytest.raises(UserError, match=r"the built-in demo's config: run it with python -m stllm_jax.demo"):
+    train.train_config(load_config_file(DEMO_CONFIG), str(tmp_path / 'run'))
 
 
 def test_chat_answers_about_a_synthetic_video_from_the_demo_workdir(short_demo, capsys, monkeypatch):

@@ -12,7 +12,8 @@ import pytest
 from data_helpers import decode_all
 import inference_helpers
 from stllm_jax import chat, evaluate, generate
-from stllm_jax.data import conversation, inference, synthetic, transforms
+from stllm_jax.data import conversation, inference, transforms
+from stllm_jax.demo import synthetic
 from stllm_jax.errors import UserError
 
 REFERENCE_SYSTEM = ('Carefully watch the video and pay attention to the cause and sequence of events, the detail and '
@@ -121,11 +122,17 @@ def test_mvbench_items_read_every_media_kind_and_bounds(paths):
 def test_mvbench_runs_resumes_and_does_not_redo_questions(paths, tmp_path, monkeypatch, capsys):
   loads = []
   real_load = inference.load_mvbench_video
-  monkeypatch.setattr(evaluate.inference, 'load_mvbench_video',
-                      lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
+
+  def load(path, *args, **kwargs):  # Ctrl-C as the third batch of 4 starts
+    if len(loads) == 8 and interrupt:
+      raise KeyboardInterrupt
+    loads.append(path)
+    return real_load(path, *args, **kwargs)
+
+  interrupt = True
+  monkeypatch.setattr(evaluate.inference, 'load_mvbench_video', load)
   argv = ['mvbench', '--checkpoint', paths.checkpoint, '--data-root', paths.mvbench, '--out', str(tmp_path),
           '--batch-size', '4']
-  monkeypatch.setenv(evaluate.INTERRUPT_AFTER_ENV, '2')
   with pytest.raises(SystemExit) as stopped:
     evaluate.main(argv)
   assert stopped.value.code == 130
@@ -133,7 +140,7 @@ def test_mvbench_runs_resumes_and_does_not_redo_questions(paths, tmp_path, monke
   first_lines = predictions.read_text().splitlines()
   assert len(first_lines) == 8 and len(loads) == 8
 
-  monkeypatch.delenv(evaluate.INTERRUPT_AFTER_ENV)
+  interrupt = False
   evaluate.main(argv)
   out = capsys.readouterr().out
   lines = predictions.read_text().splitlines()

@@ -8,7 +8,6 @@ traceback, for what a user can cause.
 """
 
 import contextlib
-import errno
 import glob
 import json
 import os
@@ -25,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import data_helpers as helpers
-from stllm_jax import checkpoints, chat, evaluate, train
+from stllm_jax import checkpoints, chat, evaluate, loading, train
 from stllm_jax.convert import cli as convert_cli
 from stllm_jax.data import annotations, conversation, pipeline, samples, video
 from stllm_jax.data.errors import DataError, SampleError
@@ -181,11 +180,11 @@ def test_damaged_checkpoint_chat_refuses_and_training_falls_back(trained, tmp_pa
   do(os.path.join(workdir, 'checkpoints', '4'))
 
   if fragment is None:  # what inference reads is intact (and checked): it loads, equal to the undamaged run
-    jax.tree_util.tree_map(np.testing.assert_array_equal, checkpoints.load_model(workdir).params,
-                           checkpoints.load_model(trained).params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loading.load_model(workdir).params,
+                           loading.load_model(trained).params)
   else:
     with pytest.raises(checkpoints.DamagedCheckpoint) as refused:  # what chat, evaluate and export-hf load with
-      checkpoints.load_model(workdir)
+      loading.load_model(workdir)
     assert 'checkpoint step 4' in str(refused.value) and fragment in str(refused.value), str(refused.value)
   if damage == 'flipped bytes in the state':
     with pytest.raises(SystemExit) as stopped:
@@ -199,16 +198,16 @@ def test_damaged_checkpoint_chat_refuses_and_training_falls_back(trained, tmp_pa
   assert 'checkpoint step 4' in err and 'resumed from step 2' in err and 'damaged_checkpoints' in err
   assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', '4'))
   assert checkpoints.RunCheckpoints(workdir).all_steps()[-1] == 5
-  assert 'step 5' in checkpoints.load_model(workdir).description
+  assert 'step 5' in loading.load_model(workdir).description
 
 
 def test_damaged_weights_directory_is_refused_by_every_reader(tmp_path, tiny_config, tiny_params, capsys):
   weights = str(tmp_path / 'weights')
   checkpoints.save_weights(weights, jax.tree_util.tree_map(np.asarray, tiny_params), tiny_config().model.to_dict())
-  checkpoints.load_model(weights)  # intact: loads
+  loading.load_model(weights)  # intact: loads
   flip_bytes(largest_file(os.path.join(weights, 'params')))
   with pytest.raises(checkpoints.DamagedCheckpoint, match=r'weights directory .* is damaged: \d+ arrays under'):
-    checkpoints.load_model(weights)
+    loading.load_model(weights)
   clip = helpers.write_video(str(tmp_path / 'clip.mp4'), helpers.pattern_frames(8))
   with pytest.raises(SystemExit) as stopped:
     chat.main(['--checkpoint', weights, '--video', clip, '--prompt', 'hi'])
@@ -226,7 +225,7 @@ def test_edited_model_json_is_refused(tmp_path, tiny_config, tiny_params):
   model['ln_vision_eps'] = 1e-6  # same shapes, other numbers
   json.dump(model, open(os.path.join(weights, 'model.json'), 'w'))
   with pytest.raises(checkpoints.DamagedCheckpoint, match='model.json was changed'):
-    checkpoints.load_model(weights)
+    loading.load_model(weights)
 
 
 # -------------------------------------------------------------------------------------------- bad training
@@ -355,7 +354,7 @@ def test_a_full_disk_is_one_message_and_the_last_good_step_is_kept(tmp_path, tin
     assert checkpoints.RunCheckpoints(workdir).all_steps() == [2]
     shutil.rmtree(os.path.join(workdir, 'tensorboard'), ignore_errors=True)
     shutil.copytree(workdir, tmp_path / 'rescued')  # "free space": the run moves to a roomier disk
-  state = checkpoints.load_model(str(tmp_path / 'rescued'))
+  state = loading.load_model(str(tmp_path / 'rescued'))
   assert 'step 2' in state.description
 
 
@@ -398,10 +397,10 @@ def test_a_run_with_relative_paths_loads_from_any_directory_and_after_a_move(tmp
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
   monkeypatch.chdir(elsewhere)
-  loaded = checkpoints.load_model(str(project / 'runs' / 'x'))
+  loaded = loading.load_model(str(project / 'runs' / 'x'))
   assert 'step 2' in loaded.description
   shutil.move(str(project / 'runs' / 'x'), str(elsewhere / 'moved'))  # the workdir moves with its towers
-  assert 'step 2' in checkpoints.load_model(str(elsewhere / 'moved')).description
+  assert 'step 2' in loading.load_model(str(elsewhere / 'moved')).description
   shutil.rmtree(elsewhere / 'moved' / 'towers')
   with pytest.raises(UserError, match='no longer there'):
-    checkpoints.load_model(str(elsewhere / 'moved'))
+    loading.load_model(str(elsewhere / 'moved'))

@@ -19,7 +19,7 @@ import transformers
 
 import convert_layouts as layouts
 from conftest import relative_error, torch_images
-from stllm_jax import checkpoints, configlib
+from stllm_jax import checkpoints, configlib, loading
 from stllm_jax.convert import export, hf, mappings, sources, strict, verify
 from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
@@ -98,7 +98,7 @@ def test_an_exported_model_generates_in_transformers_with_our_logits(world, caps
     info = json.load(f)
   assert (info['image_token'], info['image_token_index']) == ('<image>', image_id)
 
-  loaded = checkpoints.load_model(converted)
+  loaded = loading.load_model(converted)
   cfg = stllm.model_config(loaded.model_config)
   batch = verify.random_batch(loaded.model_config, num_frames=1, text_len=6, qformer_text_len=5, seed=0)
   ours = np.asarray(jax.jit(lambda p, b: stllm.STLLM(cfg).apply({'params': p}, b))(loaded.params, batch))

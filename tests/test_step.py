@@ -9,6 +9,7 @@ import numpy as np
 
 from conftest import relative_error
 from stllm_jax import step
+from stllm_jax import params as params_lib
 from stllm_jax.data.random_batches import RandomBatches
 from stllm_jax.models import stllm
 from stllm_jax.models.stllm import STLLM
@@ -17,7 +18,7 @@ from stllm_jax.models.stllm import STLLM
 def setup(config, params, **train_overrides):
   config.train.update(train_overrides)
   model_cfg, train_cfg = stllm.model_config(config.model), step.train_config(config.train)
-  trainable, frozen = step.split_params(params, train_cfg.frozen)
+  trainable, frozen = params_lib.split_params(params, train_cfg.frozen)
   schedule = step.make_schedule(train_cfg, 10)
   tx = step.make_optimizer(train_cfg, schedule)
   state = step.TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
@@ -66,13 +67,13 @@ def test_no_gradient_flows_through_the_teacher(tiny_config, tiny_params):
   def constant_teacher_loss(trainable, frozen, batch, key, teacher):
     mask_key, _ = jax.random.split(key)
     keep = step.masking.keep_indices(mask_key, batch['frames'].shape[0], teacher.shape[1], n_keep)
-    out = model.apply({'params': step.merge_params(trainable, frozen)}, batch, keep, n_keep, True,
+    out = model.apply({'params': params_lib.merge_params(trainable, frozen)}, batch, keep, n_keep, True,
                       method='training_pass')
     lm_sum, _ = step.losses.lm_loss_sum(out.text_logits, batch['input_ids'], batch['answer_mask'])
     return lm_sum / 10.0 + step.losses.mvm_loss(out.student, step.masking.gather_tokens(teacher, keep))
 
   def teacher_hidden(trainable, frozen, batch):
-    apply = functools.partial(model.apply, {'params': step.merge_params(trainable, frozen)})
+    apply = functools.partial(model.apply, {'params': params_lib.merge_params(trainable, frozen)})
     visual = apply(batch, method='visual_tokens')
     return apply(visual, jnp.ones(visual.shape[:2], jnp.int32), method=lambda m, e, k: m.llm(e, k))
 

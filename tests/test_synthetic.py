@@ -11,7 +11,8 @@ import pytest
 import transformers
 
 from stllm_jax import configlib
-from stllm_jax.data import annotations, pipeline, synthetic
+from stllm_jax.data import annotations, pipeline
+from stllm_jax.demo import synthetic
 from stllm_jax.models import stllm
 
 import data_helpers as helpers
@@ -133,7 +134,7 @@ def test_command_line(tmp_path, capsys):
   synthetic.main(['--out', str(tmp_path / 'cli'), '--train-pairs', '1', '--test-pairs', '1', '--frames', '4',
                   '--size', '32'])
   assert 'wrote 4 videos' in capsys.readouterr().out
-  assert read_json(tmp_path / 'cli', 'info.json')['command'].startswith('python -m stllm_jax.data.synthetic --out')
+  assert read_json(tmp_path / 'cli', 'info.json')['command'].startswith('python -m stllm_jax.demo.synthetic --out')
 
 
 def test_tiny_model_runs_on_a_synthetic_batch(built):

@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from stllm_jax import checkpoints, demo, sharding, tower_pretraining
+from stllm_jax import checkpoints, loading, sharding
+from stllm_jax.demo import run as demo, tower_pretraining
 from stllm_jax.configlib import load_config_file
-from stllm_jax.data import conversation, synthetic
+from stllm_jax.data import conversation
+from stllm_jax.demo import synthetic
 from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
 
@@ -120,7 +122,7 @@ def test_the_weights_directory_starts_a_run_and_is_reused(demo_set, tmp_path, mo
   config.init.checkpoint = out
   model_cfg = stllm.model_config(config.model)
   shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), sharding.make_mesh('fsdp=1'))
-  params = checkpoints.initial_params(config, model_cfg, shardings)
+  params = loading.initial_params(config, model_cfg, shardings)
   stored = checkpoints.load_stored_params(out)
   np.testing.assert_array_equal(np.asarray(params['vision']['pos_embed']), np.asarray(stored['vision']['pos_embed']))
   # Same settings: reused, not trained again; other settings: refused with what to do.

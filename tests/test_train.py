@@ -27,8 +27,9 @@ def env():
 
 
 def run_train(workdir, env, *extra, kill_at=0):
-  env = dict(env, **({train.KILL_AT_STEP_ENV: str(kill_at)} if kill_at else {}))
-  return subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', 'configs/tiny.py',
+  """`python -m stllm_jax.train` on the tiny config; with `kill_at`, SIGKILLed before that step (killed_train.py)."""
+  command = [os.path.join(ROOT, 'tests', 'killed_train.py'), str(kill_at)] if kill_at else ['-m', 'stllm_jax.train']
+  return subprocess.run([sys.executable, *command, '--config', 'configs/tiny.py',
                          f'--workdir={workdir}', *FAST, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900)
 

@@ -6,5 +6,7 @@
 
 Modules: cli (arguments, config, output), train_bench (timed train steps, A/B with torch_reference),
 generate_bench (prefill and decode), plan (ahead-of-time memory plan), flops (analytic model FLOPs),
-devices (peak table, memory statistics), report (statistics, JSON, tables). Results: BENCHMARK.md.
+devices (peak table, memory statistics), report (statistics, JSON, tables), gpu_report (one GPU session),
+data_bench (`python -m stllm_jax.benchmark.data_bench`: decoded + preprocessed training videos/s). Results:
+BENCHMARK.md.
 """

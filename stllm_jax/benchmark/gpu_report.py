@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stllm_jax import configlib, defaults, generate, masking, step
+from stllm_jax import configlib, defaults, generate, masking
+from stllm_jax import params as params_lib
 from stllm_jax.benchmark import devices, flops, generate_bench, report
 from stllm_jax.benchmark.train_bench import JaxTrainer, step_flops, trainer_from_params, validated
 from stllm_jax.data.random_batches import RandomBatches
@@ -207,7 +208,7 @@ def train_variant(config: ml_collections.ConfigDict, held: dict, host_batch: dic
   try:
     times, losses, plan = timed_steps(trainer, host_batch, steps)
   finally:
-    held['params'] = step.merge_params(trainer.state.params, trainer.frozen)
+    held['params'] = params_lib.merge_params(trainer.state.params, trainer.frozen)
   model_cfg, train_cfg = trainer.model_cfg, trainer.train_cfg
   spread = report.spread(times[1:])  # the first step compiles
   model_flops = step_flops(model_cfg, train_cfg, host_batch, plan.n_slots)['total']

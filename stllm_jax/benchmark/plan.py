@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from stllm_jax import masking, sharding, step
+from stllm_jax import params as params_lib
 from stllm_jax.benchmark import devices
 from stllm_jax.models import stllm
 
@@ -52,8 +53,8 @@ def abstract_step_inputs(model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConf
                          batch: dict[str, jax.ShapeDtypeStruct]):
   """(jitted train step, abstract state, abstract frozen params): what `lower` takes besides the batch."""
   params, shardings = abstract_params(model_cfg, mesh)
-  trainable, frozen = step.split_params(params, train_cfg.frozen)
-  trainable_shardings = step.split_params(shardings, train_cfg.frozen)[0]
+  trainable, frozen = params_lib.split_params(params, train_cfg.frozen)
+  trainable_shardings = params_lib.split_params(shardings, train_cfg.frozen)[0]
   schedule = step.make_schedule(train_cfg, max(train_cfg.steps, 1))
   tx = step.make_optimizer(train_cfg, schedule)
   state_shardings = step.state_shardings(trainable, tx, trainable_shardings, mesh)

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from stllm_jax import masking, sharding, step
+from stllm_jax import params as params_lib
 from stllm_jax import train as train_lib
 from stllm_jax.benchmark import devices, flops, plan, report
 from stllm_jax.data.random_batches import RandomBatches
@@ -66,10 +67,10 @@ def trainer_from_params(config: Any, params: Any) -> JaxTrainer:
   model_cfg, train_cfg = validated(config)
   mesh = sharding.make_mesh(config.mesh)
   shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
-  trainable, frozen = step.split_params(params, train_cfg.frozen)
+  trainable, frozen = params_lib.split_params(params, train_cfg.frozen)
   schedule = step.make_schedule(train_cfg, max(train_cfg.steps, 1))
   tx = step.make_optimizer(train_cfg, schedule)
-  state = step.init_state(trainable, tx, config.seed, step.split_params(shardings, train_cfg.frozen)[0], mesh)
+  state = step.init_state(trainable, tx, config.seed, params_lib.split_params(shardings, train_cfg.frozen)[0], mesh)
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   jitted = jax.jit(functools.partial(step.train_step, model=stllm.STLLM(model_cfg), cfg=train_cfg, tx=tx,
                                      schedule=schedule),

@@ -31,7 +31,7 @@ import flax
 import jax
 import numpy as np
 
-from stllm_jax import checkpoints, configlib
+from stllm_jax import checkpoints, configlib, loading
 from stllm_jax.convert import hf, mappings, reference, strict
 from stllm_jax.convert.tensor_files import format_bytes, write_safetensors
 from stllm_jax.errors import UserError
@@ -171,7 +171,7 @@ def _load(ckpt: str) -> tuple[Any, dict[str, Any], dict[str, str], bool]:
       flat = flax.traverse_util.flatten_dict(checkpoints.load_stored_params(ckpt), sep='/')
       tokenizer = os.path.join(ckpt, checkpoints.TOKENIZERS_DIR, 'llm')
       return model, flat, {'llm': tokenizer if os.path.isdir(tokenizer) else ''}, True
-  loaded = checkpoints.load_model(ckpt)
+  loaded = loading.load_model(ckpt)
   return (loaded.model_config.to_dict(), flax.traverse_util.flatten_dict(loaded.params, sep='/'),
           {'llm': loaded.llm_tokenizer, 'qformer': loaded.qformer_tokenizer}, False)
 

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from stllm_jax import checkpoints, configlib, sharding
+from stllm_jax import checkpoints, configlib, loading, sharding
 from stllm_jax.convert import mappings, reference, sources
 from stllm_jax.errors import UserError
 from stllm_jax.models import llama, stllm
@@ -128,7 +128,7 @@ def verify(ckpt: str, spec: SourceSpec, num_frames: int = 0, text_len: int = 16,
   theirs = reference.stllm_logits(torch_reference, cfg, batch)
   del torch_reference
   log(f'JAX model from {ckpt}')
-  params = checkpoints.load_model(ckpt, mesh).params
+  params = loading.load_model(ckpt, mesh).params
   ours = jax.jit(lambda p, b: stllm.STLLM(cfg).apply({'params': p}, b))(params, batch)
   frames = batch['frames'].shape[1]
   return compare(np.asarray(ours), theirs, f'{frames} frames, {text_len} text tokens, seed {seed}')

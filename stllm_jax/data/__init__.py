@@ -1,4 +1,4 @@
-"""Data: video decoding, frame transforms, conversation/tokens, the grain training pipeline, synthetic data.
+"""Data: video decoding, frame transforms, conversation/tokens, the grain training pipeline.
 
     video.py         PyAV decoding and frame-index sampling (rand / middle / fps, start/end)
     transforms.py    RandomResizedCrop (training) / resize + centre crop (evaluation), CLIP normalisation
@@ -8,7 +8,9 @@
     samples.py       one training sample: row -> frames + token ids
     pipeline.py      config.data, the grain iterator with exact resume and skip statistics
     inference.py     one video -> frames for chat and evaluation
-    synthetic.py     `python -m stllm_jax.data.synthetic --out DIR`: moving-shape videos with reversed twins
-    benchmark.py     `python -m stllm_jax.data.benchmark`: decoded+preprocessed videos/s
+    videochat2.py    where the released recipes' datasets lie under one data root
+    slow_llama.py    the released slow LLaMA tokenizer
+    random_batches.py random model batches of the right shapes (smoke runs, benchmarks)
     errors.py        SampleError reasons and DataError
+(The synthetic set and the tiny tokenizers belong to the demo: stllm_jax/demo/.)
 """

@@ -47,7 +47,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from absl import flags
 import grain
@@ -336,6 +336,18 @@ def collate(samples: Sequence[dict[str, Any]], dataset: int, cfg: DataConfig, ll
               sample_index=column('sample_index', np.int64),
               dataset_index=np.full(len(samples), dataset, np.int32), qa_index=column('qa_index', np.int32),
               epoch=column('epoch', np.int32), text_truncated=column('text_truncated', np.int32))
+
+
+class BatchIterator(Protocol):
+  """What the trainer reads batches from: `TrainIterator` (real videos) or `RandomBatches` (random arrays)."""
+  batches_per_epoch: int
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+  def __next__(self) -> dict[str, np.ndarray]: ...
+  def get_state(self) -> dict[str, Any]: ...
+  def set_state(self, state: Mapping[str, Any]) -> None: ...
+  def metrics(self) -> dict[str, int]: ...
+  def close(self) -> None: ...
 
 
 class TrainIterator:

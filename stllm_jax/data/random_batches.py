@@ -50,6 +50,9 @@ class RandomBatches:
   def metrics(self) -> dict[str, int]:
     return {}  # nothing is ever skipped
 
+  def close(self) -> None:
+    """No worker processes or files to release (`pipeline.BatchIterator`)."""
+
   def __iter__(self):
     return self
 

@@ -1,6 +1,6 @@
 """A synthetic video QA set that only a model that sees frame order can fully solve.
 
-    python -m stllm_jax.data.synthetic --out DIR [--seed 0] [--train-pairs 48] [--test-pairs 16]
+    python -m stllm_jax.demo.synthetic --out DIR [--seed 0] [--train-pairs 48] [--test-pairs 16]
 
 writes (deterministically from the seed, in seconds on a laptop):
 
@@ -35,7 +35,8 @@ import av
 import ml_collections
 import numpy as np
 
-from stllm_jax.data import conversation, tiny_tokenizers
+from stllm_jax.data import conversation
+from stllm_jax.demo import tiny_tokenizers
 
 SHAPES = ('circle', 'square', 'triangle')
 COLOURS = {'red': (230, 40, 40), 'green': (40, 200, 60), 'blue': (50, 90, 240), 'yellow': (240, 220, 40)}
@@ -195,7 +196,7 @@ def read_facts(data_dir: str, split: str) -> list[dict[str, Any]]:
 
 def _read_json(path: str) -> Any:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} is missing: write the synthetic set (python -m stllm_jax.data.synthetic) '
+    raise FileNotFoundError(f'{path} is missing: write the synthetic set (python -m stllm_jax.demo.synthetic) '
                             'with this version of the generator')
   with open(path, encoding='utf-8') as f:
     return json.load(f)
@@ -278,7 +279,7 @@ def build(out: str, seed: int = 0, train_pairs: int = 48, test_pairs: int = 16, 
               train_rows=len(train_rows), test_rows=len(test_rows), videos=2 * (train_pairs + test_pairs),
               llm_vocab=len(conversation.load_llm_tokenizer.__wrapped__(llm_dir)),
               qformer_vocab=len(conversation.load_qformer_tokenizer.__wrapped__(qformer_dir)),
-              command=f'python -m stllm_jax.data.synthetic --out {out} --seed {seed} --train-pairs {train_pairs} '
+              command=f'python -m stllm_jax.demo.synthetic --out {out} --seed {seed} --train-pairs {train_pairs} '
                       f'--test-pairs {test_pairs}')
   _write_json(os.path.join(out, 'info.json'), info)
   info['seconds'] = time.perf_counter() - began

@@ -1,7 +1,7 @@
 """Data benchmark: decoded + preprocessed training videos per second, per worker and for N workers.
 
-    python -m stllm_jax.data.benchmark [--videos 8] [--seconds 60] [--width 640 --height 360 --fps 30]
-                                       [--gop 250] [--frames 16] [--size 224] [--workers 1,2] [--batches 4]
+    python -m stllm_jax.benchmark.data_bench [--videos 8] [--seconds 60] [--width 640 --height 360 --fps 30]
+                                                [--gop 250] [--frames 16] [--size 224] [--workers 1,2] [--batches 4]
 
 1. writes `--videos` H.264 mp4 files of `--seconds` each (a textured scene panning under a moving box,
    x264 `veryfast`, keyframe interval `--gop`) into `--dir` (kept and reused between runs);
@@ -29,7 +29,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from stllm_jax.data import pipeline, tiny_tokenizers, transforms, video
+from stllm_jax.data import pipeline, transforms, video
+from stllm_jax.demo import tiny_tokenizers
 
 RECIPE_VIDEOS_PER_S = 128 / 3.5
 

@@ -1,9 +1,9 @@
 """The built-in demo: a tiny ST-LLM trained from scratch on synthetic moving shapes, testing the paper's claims.
 
-    python -m stllm_jax.train --config configs/demo.py [--workdir runs/demo] [--config.demo.ablation=True]
+    python -m stllm_jax.demo [--config configs/demo.py] [--workdir runs/demo] [--config.demo.ablation=True]
 
-`configs/demo.py` carries a `demo` section; `train.py` hands such configs to `run`, which
-  1. writes the synthetic set (data/synthetic.py: time-reversed twin videos) if it is not there yet;
+`configs/demo.py` carries a `demo` section; `python -m stllm_jax.demo` hands it to `run`, which
+  1. writes the synthetic set (synthetic.py: time-reversed twin videos) if it is not there yet;
   2. trains the config's model (ST-LLM: every spatio-temporal token, dynamic masking + MVM) in the workdir,
      and with `demo.ablation` also the variants of VARIANTS, each in WORKDIR/ablation/<name>;
   3. asks every trained model the open questions about each held-out test video (direction, shape, colour)
@@ -30,8 +30,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from stllm_jax import checkpoints, configlib, generate, tower_pretraining
-from stllm_jax.data import conversation, inference, synthetic
+from stllm_jax import checkpoints, configlib, generate
+from stllm_jax.data import conversation, inference
+from stllm_jax.demo import synthetic, tower_pretraining
 from stllm_jax.errors import UserError
 from stllm_jax.metrics import progress_bar
 

@@ -40,7 +40,8 @@ import numpy as np
 import optax
 
 from stllm_jax import checkpoints, configlib
-from stllm_jax.data import conversation, synthetic, transforms, video
+from stllm_jax.data import conversation, transforms, video
+from stllm_jax.demo import synthetic
 from stllm_jax.errors import UserError
 from stllm_jax.metrics import progress_bar
 from stllm_jax.models import stllm
