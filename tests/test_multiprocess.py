@@ -256,7 +256,8 @@ def test_two_processes_read_only_their_own_shards_of_converted_weights(tmp_path,
     lines.append(f'process {process}: read {reads["sharded_bytes_read"]:,d} bytes for its shards ({own_bytes:,d} '
                  f'bytes of arrays) vs {reads["whole_bytes_read"]:,d} for all {array_bytes:,d} bytes of arrays')
   embedding = 'llm/embed/embedding'  # [vocab, 64]: its 64 columns over fsdp=8, 32 per process
-  columns = [sorted(key.split('|')[1].split(',')[1] for key in own if key.startswith(f'{embedding}|')) for own in shards]
+  columns = [sorted(key.split('|')[1].split(',')[1] for key in own if key.startswith(f'{embedding}|'))
+             for own in shards]
   assert columns == [sorted(['0:8', '8:16', '16:24', '24:32']), sorted(['32:40', '40:48', '48:56', '56:64'])]
   for line in lines:
     print(line)
