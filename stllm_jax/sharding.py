@@ -134,13 +134,16 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-  """Places a host batch (numpy) on the mesh, split along the batch dimension."""
+  """Places this process's part of a batch (numpy) on the mesh, split along the batch dimension. With several
+  processes each passes its own rows (batch_size / process_count); the global batch is their parts in process
+  order (each process's devices hold a contiguous block of rows)."""
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   for k, v in batch.items():
-    if np.shape(v)[0] % shards:
-      raise ValueError(f'batch[{k!r}] has {np.shape(v)[0]} rows, not a multiple of data x fsdp = {shards}: '
-                       'make the batch size a multiple of it')
-  return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+    if np.shape(v)[0] * jax.process_count() % shards:
+      raise ValueError(f'batch[{k!r}] has {np.shape(v)[0] * jax.process_count()} rows, not a multiple of data x '
+                       f'fsdp = {shards}: make the batch size a multiple of it')
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items()}
 
 
 def shard_params(params: Any, shardings: Any) -> Any:

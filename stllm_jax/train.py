@@ -40,7 +40,8 @@ from stllm_jax.models import stllm
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics); default runs/<config name>')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; set by launch/ scripts)')
+flags.DEFINE_bool('distributed', False, 'One process of a multi-process job (set by launch/ scripts): connect to '
+                  'the others with jax.distributed (see initialize_distributed)')
 
 def main(argv):
   del argv
@@ -65,7 +66,7 @@ def command(run: Callable[[Any, str], Any]) -> None:
   try:
     config = load_config_flag()
     if FLAGS.distributed:
-      jax.distributed.initialize()
+      initialize_distributed()
     workdir = FLAGS.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
         config_flags.get_config_filename(FLAGS['config'])))[0])
     run(config, workdir)
@@ -86,6 +87,18 @@ def load_config_flag() -> Any:
     cause = error.__cause__ or error
     raise UserError(f'config file {filename!r} cannot be loaded: {type(cause).__name__}: '
                     f'{str(cause).strip().splitlines()[-1] if str(cause).strip() else ""}') from None
+
+
+def initialize_distributed() -> None:
+  """Connects this process to the others of its job. Any launcher: JAX_COORDINATOR_ADDRESS (host:port of process
+  0), JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process's environment. Unset, jax finds them itself on SLURM,
+  Cloud TPU, Open MPI and Kubernetes."""
+  count, index = os.environ.get('JAX_NUM_PROCESSES'), os.environ.get('JAX_PROCESS_ID')
+  try:
+    jax.distributed.initialize(num_processes=int(count) if count else None, process_id=int(index) if index else None)
+  except ValueError as error:  # nothing to connect to: no coordinator address given or detected
+    raise UserError(f'--distributed: {error} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, '
+                    'or start the processes with srun or on a Cloud TPU pod)') from None
 
 
 def enable_compilation_cache() -> None:

@@ -1,8 +1,10 @@
-"""Launch scripts: usage errors, the restart loop, and the commands they hand to srun and gcloud."""
+"""Launch scripts: usage errors, the restart loop, and the commands they hand to srun and gcloud
+(tests/test_multiprocess.py runs slurm.sh and tpu_pod.sh for real, with 2 processes)."""
 
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -44,9 +46,11 @@ def test_gpu_node_restarts_after_a_crash_and_not_after_a_config_error(tmp_path):
 
 def test_slurm_and_tpu_scripts_start_distributed_training(tmp_path):
   log = tmp_path / 'calls'
-  fake(tmp_path, 'srun', f'echo "$@" > {log}\n')
-  assert run('slurm.sh', ['configs/stllm_7b.py', '/shared/run'], tmp_path).returncode == 0
-  assert 'python -m stllm_jax.train --distributed --config configs/stllm_7b.py --workdir /shared/run' in log.read_text()
+  fake(tmp_path, 'srun', f'echo "$JAX_LOCAL_DEVICE_IDS $@" > {log}\n')
+  assert run('slurm.sh', ['configs/stllm_7b.py', '/shared/run'], tmp_path, SLURM_GPUS_ON_NODE='4').returncode == 0
+  command = log.read_text()
+  assert 'python -m stllm_jax.train --distributed --config configs/stllm_7b.py --workdir /shared/run' in command
+  assert command.startswith('0,1,2,3 ')  # every GPU of the node to its one process (not jax's SLURM_LOCALID only)
 
   fake(tmp_path, 'gcloud', f'echo "$@" > {log}\n')
   result = run('tpu_pod.sh', ['configs/stllm_7b.py', '/mnt/run', '--config.mesh=fsdp=64'], tmp_path,
@@ -58,6 +62,11 @@ def test_slurm_and_tpu_scripts_start_distributed_training(tmp_path):
   assert '--config.mesh=fsdp=64' in command
 
 
-def test_train_accepts_the_distributed_flag():
-  from stllm_jax import train  # pylint: disable=g-import-not-at-top
-  assert 'distributed' in train.FLAGS
+def test_distributed_without_a_launcher_says_what_to_set(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'JAX_COORDINATOR', 'JAX_NUM_PROCESSES',
+                                                                    'JAX_PROCESS_ID'))}
+  result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--distributed', '--config', 'configs/tiny.py',
+                           f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(env, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT))
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert 'set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID' in result.stderr

@@ -1,7 +1,9 @@
 """Random model batches of the right shapes: for smoke runs, benchmarks and sharding tests (no decoding).
 
-Every batch is a pure function of (seed, step, process index): resuming at a step gives the same batches.
-Text lengths vary from step to step over the configured buckets, as real data would.
+Every sample is a pure function of (seed, step, its index in the global batch): resuming at a step gives the same
+batches, and process p of n takes samples [p * B/n, (p + 1) * B/n) of each global batch of B, so the global
+batches are the same whatever the number of processes. Text lengths vary from step to step over the configured
+buckets, as real data would.
 """
 
 from __future__ import annotations
@@ -58,18 +60,24 @@ class RandomBatches:
 
   def __next__(self) -> dict[str, np.ndarray]:
     cfg = self.cfg
-    rng = np.random.default_rng([cfg.seed, self.step, self.process_index])
+    text_len = int(np.random.default_rng([cfg.seed, self.step]).choice(cfg.text_buckets))
+    first = self.process_index * self.local_batch
+    samples = [self._sample(np.random.default_rng([cfg.seed, self.step, index]), text_len)
+               for index in range(first, first + self.local_batch)]
     self.step += 1
-    b, text_len = self.local_batch, int(rng.choice(cfg.text_buckets))
-    answer_start = rng.integers(1, text_len, size=b)  # prompt before, answer from here to the end of the text
-    lengths = rng.integers(answer_start + 1, text_len + 1)  # real tokens; the rest is right padding
-    positions = np.arange(text_len)[None]
-    attention_mask = (positions < lengths[:, None]).astype(np.int32)
-    q_lengths = rng.integers(1, cfg.qformer_text_len + 1, size=b)
+    return {k: np.stack([sample[k] for sample in samples]) for k in samples[0]}
+
+  def _sample(self, rng: np.random.Generator, text_len: int) -> dict[str, np.ndarray]:
+    cfg = self.cfg
+    answer_start = int(rng.integers(1, text_len))  # prompt before, answer from here to the end of the text
+    length = int(rng.integers(answer_start + 1, text_len + 1))  # real tokens; the rest is right padding
+    positions = np.arange(text_len)
+    attention_mask = (positions < length).astype(np.int32)
+    q_length = int(rng.integers(1, cfg.qformer_text_len + 1))
     return dict(
-        frames=rng.standard_normal((b, cfg.num_frames, self.image_size, self.image_size, 3), np.float32),
-        qformer_input_ids=rng.integers(1, self.qformer_vocab_size, (b, cfg.qformer_text_len), dtype=np.int32),
-        qformer_attention_mask=(np.arange(cfg.qformer_text_len)[None] < q_lengths[:, None]).astype(np.int32),
-        input_ids=(rng.integers(1, self.llm_vocab_size, (b, text_len)) * attention_mask).astype(np.int32),
+        frames=rng.standard_normal((cfg.num_frames, self.image_size, self.image_size, 3), np.float32),
+        qformer_input_ids=rng.integers(1, self.qformer_vocab_size, cfg.qformer_text_len, dtype=np.int32),
+        qformer_attention_mask=(np.arange(cfg.qformer_text_len) < q_length).astype(np.int32),
+        input_ids=(rng.integers(1, self.llm_vocab_size, text_len) * attention_mask).astype(np.int32),
         attention_mask=attention_mask,
-        answer_mask=((positions >= answer_start[:, None]) & (attention_mask == 1)).astype(np.int32))
+        answer_mask=((positions >= answer_start) & (attention_mask == 1)).astype(np.int32))
