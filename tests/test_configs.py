@@ -20,7 +20,8 @@ def test_config_builds_validates_and_says_how_to_run_it(path):
   if not train.uses_random_data(config):
     pipeline.parse_config(config.data)
   module_doc = open(path).read().split('"""')[1]
-  assert f'python -m stllm_jax.train --config configs/{os.path.basename(path)}' in module_doc
+  command = 'python -m stllm_jax.demo' if 'demo' in config else 'python -m stllm_jax.train --config configs/'
+  assert command + ('' if 'demo' in config else os.path.basename(path)) in module_doc
 
 
 QA_RECIPE = {'caption_videochatgpt', 'classification_k710', 'classification_ssv2', 'reasoning_next_qa',
