@@ -15,7 +15,7 @@ import flax
 import jax
 import numpy as np
 
-from stllm_jax import checkpoints, sharding, train
+from stllm_jax import checkpoints, loading, sharding, train
 
 
 def bytes_read() -> int:
@@ -37,8 +37,8 @@ def shard_key(path: str, index: tuple) -> str:
 def main(weights: str, mesh_spec: str, out: str) -> None:
   train.initialize_distributed()
   mesh = sharding.make_mesh(mesh_spec)
-  checkpoints.load_model(weights, mesh)  # once first: imports and compilations are not counted below
-  loaded, sharded = measured(lambda: checkpoints.load_model(weights, mesh).params)
+  loading.load_model(weights, mesh)  # once first: imports and compilations are not counted below
+  loaded, sharded = measured(lambda: loading.load_model(weights, mesh).params)
   _, whole = measured(lambda: checkpoints.load_stored_params(weights, mesh))
   shards = {shard_key(path, shard.index): np.asarray(shard.data)
             for path, leaf in flax.traverse_util.flatten_dict(loaded, sep='/').items()

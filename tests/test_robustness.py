@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -164,7 +165,8 @@ def edit_json_item(step_dir):
 
 
 DAMAGE = {  # what is done to checkpoint step 4 -> (message fragment)
-    'flipped bytes in the state': (lambda d: flip_bytes(largest_file(os.path.join(d, 'state'))), 'arrays differ'),
+    # in every file of arrays, so the params are hit whatever orbax put where; a flip may leave a chunk unreadable
+    'flipped bytes in the state': (each_data_file(flip_bytes), 'arrays differ|cannot be read'),
     'truncated state files': (each_data_file(lambda path: open(path, 'r+b').truncate(100)), 'cannot be read'),
     'missing state files': (each_data_file(os.remove), 'cannot be read'),
     'missing metadata': (lambda d: os.remove(os.path.join(d, 'state', '_METADATA')), None),  # params still whole
@@ -185,7 +187,7 @@ def test_damaged_checkpoint_chat_refuses_and_training_falls_back(trained, tmp_pa
   else:
     with pytest.raises(checkpoints.DamagedCheckpoint) as refused:  # what chat, evaluate and export-hf load with
       loading.load_model(workdir)
-    assert 'checkpoint step 4' in str(refused.value) and fragment in str(refused.value), str(refused.value)
+    assert 'checkpoint step 4' in str(refused.value) and re.search(fragment, str(refused.value)), str(refused.value)
   if damage == 'flipped bytes in the state':
     with pytest.raises(SystemExit) as stopped:
       convert_cli.main(['export-hf', workdir, str(tmp_path / 'exported')])
