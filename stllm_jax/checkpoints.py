@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from stllm_jax import integrity, sharding
+from stllm_jax import params as params_lib
 from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
 
@@ -124,8 +125,8 @@ def _write_json(path: str, value: Any) -> None:
 def place_in_place(params: dict, shardings: Any, progress: Callable[[Any], Any] = lambda items: items) -> None:
   """Replaces every leaf of the nested dict `params` by a jax array placed with the matching sharding (a
   dropped host leaf is freed at once: the tree never exists twice)."""
-  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep='/')
-  for path in progress(list(flax.traverse_util.flatten_dict(params, sep='/'))):
+  flat_shardings = params_lib.flat(shardings)
+  for path in progress(list(params_lib.flat(params))):
     *parents, leaf = path.split('/')
     node = params
     for key in parents:
@@ -208,7 +209,7 @@ def load_stored_params(path: str, mesh: jax.sharding.Mesh | None = None) -> Any:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
               for k, (shape, dtype) in stored_param_metadata(path).items()}
-  return load_weights(path, flax.traverse_util.unflatten_dict(abstract, sep='/'))
+  return load_weights(path, params_lib.nested(abstract))
 
 
 def check_complete(path: str, model_config: Any) -> None:
@@ -234,7 +235,7 @@ def check_complete(path: str, model_config: Any) -> None:
 def model_param_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
   """{'a/b/kernel': shape} of every param of the model `model_config` (nothing is allocated)."""
   params = flax.linen.meta.unbox(stllm.abstract_variables(model_config))['params']
-  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(params, sep='/').items()}
+  return {k: tuple(v.shape) for k, v in params_lib.flat(params).items()}
 
 
 # ---------------------------------------------------------------------------------------- training runs
@@ -346,7 +347,6 @@ def _orbax_quiet() -> Iterator[None]:
     yield
   finally:
     absl_logging.set_verbosity(previous)
-
 
 
 def restore_run_params(workdir: str, step: int, extra: Mapping[str, Any], target: Any) -> Any:

@@ -30,7 +30,7 @@ def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
     log(f'random initial weights (seed {config.seed})')
     return _with_adapter_from_vit(fresh, model_cfg, shardings, config.seed, log)
   stored = checkpoints.stored_param_shapes(path)
-  flat_fresh = flax.traverse_util.flatten_dict(fresh, sep='/')
+  flat_fresh = params_lib.flat(fresh)
   expected = {k: tuple(v.shape) for k, v in flat_fresh.items()}
   unknown = sorted(set(stored) - set(expected))
   misshaped = sorted(f'{k} {list(stored[k])} vs model {list(expected[k])}'
@@ -44,14 +44,13 @@ def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
       if items:
         lines.append(f'  {title}: {len(items)}, e.g. ' + ', '.join(items[:5]))
     raise UserError('\n'.join(lines))
-  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep='/')
-  target = flax.traverse_util.unflatten_dict(
-      {k: jax.ShapeDtypeStruct(flat_fresh[k].shape, flat_fresh[k].dtype, sharding=flat_shardings[k]) for k in stored},
-      sep='/')
-  loaded = flax.traverse_util.flatten_dict(checkpoints.load_weights(path, target), sep='/')
+  flat_shardings = params_lib.flat(shardings)
+  target = params_lib.nested(
+      {k: jax.ShapeDtypeStruct(flat_fresh[k].shape, flat_fresh[k].dtype, sharding=flat_shardings[k]) for k in stored})
+  loaded = params_lib.flat(checkpoints.load_weights(path, target))
   log(f'initial weights from {path}' + (f'; newly initialised: {", ".join(sorted({k.split("/")[0] for k in absent}))}'
                                         if absent else ''))
-  params = flax.traverse_util.unflatten_dict({k: loaded.get(k, v) for k, v in flat_fresh.items()}, sep='/')
+  params = params_lib.nested({k: loaded.get(k, v) for k, v in flat_fresh.items()})
   if any(k.startswith(f'{ADAPTER}/') for k in stored):
     return params
   return _with_adapter_from_vit(params, model_cfg, shardings, config.seed, log)

@@ -45,10 +45,10 @@ flags.DEFINE_bool('distributed', False, 'One process of a multi-process job (set
 
 def main(argv):
   del argv
-  command(train_config)
+  command(train_command)
 
 
-def train_config(config: Any, workdir: str) -> dict:
+def train_command(config: Any, workdir: str) -> dict:
   """`train`, except for the demo's config (its towers, data and evaluation belong to `python -m stllm_jax.demo`)."""
   if 'demo' in config:
     raise UserError("this is the built-in demo's config: run it with python -m stllm_jax.demo "

@@ -80,7 +80,7 @@ def test_rerun_resumes_and_reuses_the_evaluations(short_demo, monkeypatch):
 def test_the_trainer_points_the_demo_config_to_the_demo(tmp_path):
   """The trainer does not run the demo (its towers, data and evaluation): one line says what does."""
   with pytest.raises(UserError, match=r"the built-in demo's config: run it with python -m stllm_jax.demo"):
-    train.train_config(load_config_file(DEMO_CONFIG), str(tmp_path / 'run'))
+    train.train_command(load_config_file(DEMO_CONFIG), str(tmp_path / 'run'))
 
 
 def test_chat_answers_about_a_synthetic_video_from_the_demo_workdir(short_demo, capsys, monkeypatch):
