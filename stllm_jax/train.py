@@ -111,7 +111,47 @@ def enable_compilation_cache() -> None:
 
 def train(config: Any, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
+  run = setup(config, workdir)
+  if run.start >= run.total_steps:
+    run.close()
+    run.log(f'{workdir} is trained already ({run.start} of {run.total_steps} steps); nothing to do')
+    return {}
+  return summarise(run, loop(run))
 
+
+@dataclasses.dataclass
+class Run:
+  """A run ready for its loop: what `setup` builds from the config and the workdir."""
+  config: Any
+  workdir: str
+  train_cfg: step.TrainConfig
+  mesh: Any
+  data: pipeline.BatchIterator
+  checkpoints: checkpoints.RunCheckpoints
+  state: Any  # the trainable params' train state (newest intact checkpoint, if any); donated to the first step
+  frozen: Any
+  frozen_sums: dict  # frozen param -> checksum, saved with each checkpoint (a resume checks them)
+  train_step: Callable  # jitted: (state, frozen, batch, n_keep, n_slots) -> (state, metrics)
+  num_visual_tokens: Callable[[int], int]  # frames per video -> visual tokens
+  start: int  # the step the state is at
+  total_steps: int
+  log: Callable[[str], None]
+
+  def close(self) -> None:
+    self.checkpoints.close()
+    self.data.close()
+
+
+class LoopEnd(NamedTuple):
+  last: dict  # the last logged metrics
+  done: int  # steps done when the loop ended
+  signal: int | None  # the signal that stopped it, if one did
+  skips: str  # skipped samples by reason over the run ('' for generated data)
+
+
+def setup(config: Any, workdir: str) -> Run:
+  """Checks the config and the disk, builds mesh, data, params and optimizer, resumes from the newest intact
+  checkpoint and jits the train step."""
   model_cfg, train_cfg = validated(config)
   preflight(config)
   check_workdir(workdir)
@@ -123,8 +163,7 @@ def train(config: Any, workdir: str) -> dict:
       f'{total_steps} steps of {train_cfg.batch_size} samples ({train_cfg.grad_accum_steps} micro-batches)')
 
   model = stllm.STLLM(model_cfg)
-  abstract = stllm.abstract_variables(model_cfg)
-  shardings = sharding.param_shardings(abstract, mesh)
+  shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
   params = loading.initial_params(config, model_cfg, shardings, log)
   trainable, frozen = params_lib.split_params(params, train_cfg.frozen)
   del params
@@ -136,91 +175,110 @@ def train(config: Any, workdir: str) -> dict:
   run = checkpoints.RunCheckpoints(workdir, train_cfg.checkpoints_to_keep)
   frozen_sums = checkpoints.checksums(frozen)
   state = resume(run, state, data, frozen_sums, workdir, log)
-  start = int(state.step)
-  if start >= total_steps:
-    run.close()
-    data.close()
-    log(f'{workdir} is trained already ({start} of {total_steps} steps); nothing to do')
-    return {}
-
   # The state keeps its shardings from step to step, so each bucket compiles exactly once.
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   train_step = jax.jit(functools.partial(step.train_step, model=model, cfg=train_cfg, tx=tx, schedule=schedule),
                        static_argnames='n_slots', donate_argnames='state', out_shardings=(state_shardings, None))
-  writer = MetricsWriter(workdir)
+  return Run(config=config, workdir=workdir, train_cfg=train_cfg, mesh=mesh, data=data, checkpoints=run,
+             state=state, frozen=frozen, frozen_sums=frozen_sums, train_step=train_step,
+             num_visual_tokens=model_cfg.num_visual_tokens, start=int(state.step), total_steps=total_steps, log=log)
+
+
+def loop(run: Run) -> LoopEnd:
+  """Steps from `run.start` to the end, or until SIGTERM / Ctrl-C; logs metrics every `log_every` steps and saves
+  every `checkpoint_every` (a pending save is always completed). Stops with a UserError on too many rejected steps
+  or a failed save."""
+  cfg, data, state = run.train_cfg, run.data, run.state
+  writer = MetricsWriter(run.workdir)
   stop = {'signal': None}
   previous_handlers = _stop_on_signals(stop)
-  guard = StepGuard(train_cfg.max_nonfinite_in_a_row)
-  saved = {'step': start if start else None}
-
-  def save(at_step: int) -> None:
-    guard.check_all()  # every step in the state has been checked before it is called good
-    if not bool(_all_finite(state.params)):
-      raise UserError(f'the trainable params hold non-finite values at step {at_step}; no checkpoint written')
-    for writing, write in ((saved['step'], run.wait), (at_step, lambda: run.save(at_step, state, {
-        'data': data.get_state(), 'frozen_checksums': frozen_sums, 'origin': checkpoints.run_origin(workdir),
-        'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config)}))):
-      try:  # the previous (asynchronous) save first, so that a failure names its own step
-        write()
-      except SAVE_ERRORS as error:
-        raise _save_failed(writing, run, error) from None
-    saved['step'] = at_step
-
-  progress = progress_bar(total=total_steps, initial=start, desc='train', unit='step',
+  saver = _Saver(run, StepGuard(cfg.max_nonfinite_in_a_row))
+  progress = progress_bar(total=run.total_steps, initial=run.start, desc='train', unit='step',
                           disable=jax.process_index() != 0)
-  window, last = [], {}
-  skips = SkipReporter(data, log)
+  window, last, done = [], {}, run.start
+  skips = SkipReporter(data, run.log)
   window_start = time.perf_counter()
   try:
-    with sharding.activate(mesh):
-      for current in range(start, total_steps):
+    with sharding.activate(run.mesh):
+      for current in range(run.start, run.total_steps):
         host_batch = next(data)
-        num_visual = model_cfg.num_visual_tokens(host_batch['frames'].shape[1])
-        plan = masking.step_mask_plan(current, config.seed, num_visual, train_cfg.masking)
-        batch = sharding.shard_batch({k: host_batch[k] for k in step.MODEL_BATCH_KEYS}, mesh)
-        state, metrics = train_step(state, frozen, batch, np.int32(plan.n_keep), n_slots=plan.n_slots)
+        plan = masking.step_mask_plan(current, run.config.seed, run.num_visual_tokens(host_batch['frames'].shape[1]),
+                                      cfg.masking)
+        batch = sharding.shard_batch({k: host_batch[k] for k in step.MODEL_BATCH_KEYS}, run.mesh)
+        state, metrics = run.train_step(state, run.frozen, batch, np.int32(plan.n_keep), n_slots=plan.n_slots)
         done = current + 1
-        guard.add(done, metrics, run.directory, saved['step'])  # checks the step before (one in flight)
-        window.append(_StepRecord(metrics, plan.rho, plan.n_keep, plan.n_slots,
-                                  *host_batch['frames'].shape[:2],
+        saver.guard.add(done, metrics, run.checkpoints.directory, saver.step)  # checks the step before (one in flight)
+        window.append(_StepRecord(metrics, plan.rho, plan.n_keep, plan.n_slots, *host_batch['frames'].shape[:2],
                                   host_batch['input_ids'].shape[1]))
         progress.update(1)
-        if done % train_cfg.log_every == 0 or done == total_steps or stop['signal']:
+        if done % cfg.log_every == 0 or done == run.total_steps or stop['signal']:
           jax.block_until_ready(window[-1].metrics)  # the window's steps have run: time them
           last = _summarise(window, time.perf_counter() - window_start, jax.process_count())
-          last.update(compiled_steps=step.compiled_programs(train_step), **data.metrics())
+          last.update(compiled_steps=step.compiled_programs(run.train_step), **data.metrics())
           writer.write(done, last)
-          postfix = dict(loss=f'{last["loss"]:.4f}', lr=f'{last["lr"]:.2e}', keep=last['kept_tokens'])
-          progress.set_postfix(**postfix, **skips.postfix())
+          progress.set_postfix(loss=f'{last["loss"]:.4f}', lr=f'{last["lr"]:.2e}', keep=last['kept_tokens'],
+                               **skips.postfix())
           skips.report_new(done)
           window, window_start = [], time.perf_counter()
-        if done % train_cfg.checkpoint_every == 0 or done == total_steps or stop['signal']:
-          save(done)
+        if done % cfg.checkpoint_every == 0 or done == run.total_steps or stop['signal']:
+          saver.save(done, state)
         if stop['signal']:
           break
-    guard.check_all()
+    saver.guard.check_all()
   finally:  # a pending checkpoint is always completed, whatever stopped the loop
     progress.close()
     _restore_signals(previous_handlers)
     try:
-      run.wait()
-    except SAVE_ERRORS as error:  # the last asynchronous save failed (e.g. the disk filled up)
-      raise _save_failed(saved['step'], run, error) from None
+      saver.wait()
     finally:
       run.close()
       writer.close()
-      data.close()
-  if skips.summary():
-    log(skips.summary())
-  if stop['signal']:
-    log(f'stopped by signal {stop["signal"]} after step {done}; checkpoint saved, rerun the same command to resume')
-    sys.exit(128 + stop['signal'])
-  data_check = getattr(data, 'check_failures', None)
+  return LoopEnd(last=last, done=done, signal=stop['signal'], skips=skips.summary())
+
+
+def summarise(run: Run, end: LoopEnd) -> dict:
+  """The run's last lines: skipped samples, how it stopped (exit 128 + signal if a signal stopped it), the
+  failure-share check over the whole run; returns the last logged metrics."""
+  if end.skips:
+    run.log(end.skips)
+  if end.signal:
+    run.log(f'stopped by signal {end.signal} after step {end.done}; checkpoint saved, rerun the same command to resume')
+    sys.exit(128 + end.signal)
+  data_check = getattr(run.data, 'check_failures', None)
   if data_check:
     data_check(final=True)  # the failure-share limit holds for a run shorter than data.failure_check_after too
-  log(f'done: {total_steps} steps; last loss {last.get("loss", float("nan")):.4f}; '
-      f'{last.get("compiled_steps", 0)} compiled train-step programs; workdir {workdir}')
-  return last
+  run.log(f'done: {run.total_steps} steps; last loss {end.last.get("loss", float("nan")):.4f}; '
+          f'{end.last.get("compiled_steps", 0)} compiled train-step programs; workdir {run.workdir}')
+  return end.last
+
+
+class _Saver:
+  """Writes checkpoints of the run: each step in the state is checked (StepGuard) and the params finite before it
+  is called good, and the previous (asynchronous) save is waited for first, so that a failure names its own step."""
+
+  def __init__(self, run: Run, guard: StepGuard):
+    self.run, self.guard = run, guard
+    self.step = run.start or None  # the newest step saved (or restored)
+
+  def save(self, at_step: int, state: Any) -> None:
+    self.guard.check_all()
+    if not bool(_all_finite(state.params)):
+      raise UserError(f'the trainable params hold non-finite values at step {at_step}; no checkpoint written')
+    self.wait()
+    extra = {'data': self.run.data.get_state(), 'frozen_checksums': self.run.frozen_sums,
+             'origin': checkpoints.run_origin(self.run.workdir),
+             'config': self.run.config.to_dict() if hasattr(self.run.config, 'to_dict') else dict(self.run.config)}
+    try:
+      self.run.checkpoints.save(at_step, state, extra)
+    except SAVE_ERRORS as error:
+      raise _save_failed(at_step, self.run.checkpoints, error) from None
+    self.step = at_step
+
+  def wait(self) -> None:
+    try:
+      self.run.checkpoints.wait()
+    except SAVE_ERRORS as error:  # an asynchronous save failed (e.g. the disk filled up)
+      raise _save_failed(self.step, self.run.checkpoints, error) from None
 
 
 def check_workdir(workdir: str) -> None:
