@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+import jax_env
+
 from stllm_jax import configlib
-from stllm_jax.benchmark import cli, flops
+from stllm_jax.benchmark import cli, devices, flops
 from stllm_jax.models import stllm
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
@@ -56,6 +58,7 @@ def test_train_against_torch_two_steps(tmp_path):
   assert not result['setup']['mvm']  # the A/B runs without MVM on both sides
   assert all(r['n_keep'] == 32 and r['torch_s'] > 0 for r in result['steps_log'])
   assert result['torch']['jax_over_torch_median'] > 0
+  assert result['device']['cpu_isa']['xla'] and result['device']['cpu_isa']['torch']  # both sides' vector ISA
 
 
 def test_generate_against_torch(tmp_path):
@@ -147,7 +150,6 @@ def test_errors_are_one_line(argv, message, capsys):
 
 
 def test_peak_and_bandwidth_tables_match_device_kinds():
-  from stllm_jax.benchmark import devices  # pylint: disable=g-import-not-at-top
   assert devices.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
   assert devices.peak_tflops('NVIDIA H100 PCIe') == 756.0
   assert devices.peak_tflops('NVIDIA A100-SXM4-80GB') == 312.0
@@ -166,6 +168,23 @@ def test_peak_and_bandwidth_tables_match_device_kinds():
   assert devices.hbm_bandwidth_gbps('TPU v5 lite') == 819.0
   assert devices.hbm_bandwidth_gbps('TPU v5p') == 2765.0
   assert devices.hbm_bandwidth_gbps('cpu') is None
+
+
+def test_the_cpu_isa_names_the_host_and_what_each_framework_is_capped_to(monkeypatch):
+  """XLA_FLAGS=--xla_cpu_max_isa and ATEN_CPU_CAPABILITY (read by torch at import, so here the imported torch's
+  own answer) show in the benchmark's device record and its one-line description."""
+  import torch  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2')
+  isa = devices.cpu_isa()
+  assert isa['host'] in ('AVX-512', 'AVX2', 'AVX', 'NEON', 'SSE4.2', 'unknown') and isa['xla'] == 'AVX2'
+  assert isa['torch'] == {'AVX512': 'AVX-512', 'AVX2': 'AVX2', 'DEFAULT': 'none'}.get(
+      torch.backends.cpu.get_cpu_capability(), torch.backends.cpu.get_cpu_capability())
+  monkeypatch.setenv('XLA_FLAGS', '')
+  assert devices.cpu_isa()['xla'] == isa['host']
+  assert devices.describe_isa({'host': 'AVX-512', 'xla': 'AVX-512', 'torch': 'AVX-512'}) == 'AVX-512'
+  assert devices.describe_isa({'host': 'AVX-512', 'xla': 'AVX2', 'torch': 'AVX2'}) == 'AVX-512 host, XLA AVX2, PyTorch AVX2'
+  assert devices.describe_isa({'host': 'AVX2', 'xla': 'AVX2'}) == 'AVX2'
+  assert 'cpu_isa' in devices.describe()
 
 
 def test_bt_adapter_flops_match_a_hand_count_and_xla(tmp_path, report):
@@ -188,9 +207,8 @@ def test_bt_adapter_flops_match_a_hand_count_and_xla(tmp_path, report):
 
 def test_gpu_report_smoke(tmp_path, report):
   """The GPU session's one command on CPU with tiny shapes, as a GPU session runs it but with --smoke: every part
-  runs (cuDNN rows give their one-line error here). A subprocess, so that XLA's backend optimisation can be off:
-  that halves the compile time of its dozen programs, and these numbers are not the point."""
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
+  runs (cuDNN rows give their one-line error here). A subprocess, on one device as a GPU session has it."""
+  env = jax_env.subprocess_env()
   done = subprocess.run([sys.executable, '-m', 'stllm_jax.benchmark', 'gpu-report', '--smoke', '--out', str(tmp_path),
                          '--deadline-s', '3600'], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -4,6 +4,7 @@ limit) and its peak memory."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -61,7 +62,7 @@ def hbm_bandwidth_gbps(device_kind: str) -> float | None:
 def describe() -> dict[str, Any]:
   device = jax.devices()[0]
   return {'platform': device.platform, 'device_kind': device.device_kind, 'device_count': jax.device_count(),
-          'host_cpu': cpu_model_name(), 'host_cores': len(os.sched_getaffinity(0)),
+          'host_cpu': cpu_model_name(), 'host_cores': len(os.sched_getaffinity(0)), 'cpu_isa': cpu_isa(),
           'peak_bf16_tflops': peak_tflops(device.device_kind),
           'hbm_bandwidth_gbps': hbm_bandwidth_gbps(device.device_kind)}
 
@@ -75,6 +76,47 @@ def cpu_model_name() -> str:
   except OSError:
     pass
   return 'unknown'
+
+
+# Vector instruction sets, widest first: the /proc/cpuinfo flag that names each.
+_ISA_FLAGS = (('AVX-512', 'avx512f'), ('AVX2', 'avx2'), ('AVX', 'avx'), ('NEON', 'asimd'), ('SSE4.2', 'sse4_2'))
+# XLA's --xla_cpu_max_isa values, as the names above.
+_XLA_ISA_NAMES = {'AVX512': 'AVX-512', 'AVX2': 'AVX2', 'AVX': 'AVX', 'SSE4_2': 'SSE4.2', 'NEON': 'NEON'}
+_TORCH_ISA_NAMES = {'AVX512': 'AVX-512', 'AVX2': 'AVX2', 'DEFAULT': 'none', 'ZVECTOR': 'ZVECTOR',
+                    'SVE256': 'SVE256', 'VSX': 'VSX'}
+
+
+def cpu_isa() -> dict[str, str]:
+  """The host CPU's widest vector instruction set, and the one each framework is limited to: XLA by
+  `--xla_cpu_max_isa` in XLA_FLAGS, PyTorch by ATEN_CPU_CAPABILITY (read only if torch is already imported)."""
+  flags = set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith(('flags', 'Features')):
+          flags = set(line.split(':', 1)[1].split())
+          break
+  except OSError:
+    pass
+  host = next((name for name, flag in _ISA_FLAGS if flag in flags), 'unknown')
+  isa = {'host': host, 'xla': host}
+  for flag in os.environ.get('XLA_FLAGS', '').split():
+    if flag.startswith('--xla_cpu_max_isa='):
+      capped = flag.split('=', 1)[1].upper()
+      isa['xla'] = _XLA_ISA_NAMES.get(capped, capped)
+  torch = sys.modules.get('torch')
+  if torch is not None:
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa['torch'] = _TORCH_ISA_NAMES.get(capability, capability)
+  return isa
+
+
+def describe_isa(isa: dict[str, str]) -> str:
+  """'AVX-512' when every framework uses what the host has; else 'AVX-512 host, XLA AVX2, PyTorch AVX2'."""
+  used = {name: value for name, value in (('XLA', isa.get('xla')), ('PyTorch', isa.get('torch'))) if value}
+  if all(value == isa['host'] for value in used.values()):
+    return isa['host']
+  return ', '.join([f"{isa['host']} host"] + [f'{name} {value}' for name, value in used.items()])
 
 
 def peak_memory_bytes() -> int | None:
