@@ -1,14 +1,16 @@
 """Shared fixtures: tiny configs, tiny random Hugging Face reference models, and a parity report.
 
 8 simulated CPU devices are requested before JAX is imported, so sharding tests can build a 2x2x2 mesh;
-single-device code runs on the first of them.
+single-device code runs on the first of them. Programs compile fast (see jax_env.py).
 """
 
 import json
 import os
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+import jax_env
+
+os.environ.setdefault('XLA_FLAGS', jax_env.xla_flags(device_count=8))
 # One compilation cache for the session and the subprocesses it starts: a program compiles once.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='stllm_jax_test_xla_'))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')

@@ -33,6 +33,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+import jax_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = ('/usr/bin/chromium', '/usr/bin/chromium-browser')
 CHROMEDRIVER = '/usr/bin/chromedriver'
@@ -71,7 +73,7 @@ class Server:
 
 def start_server(checkpoint: str, port: int, *extra: str, wait: bool = True) -> Server:
   """`python -m stllm_jax.serve` on 127.0.0.1:port, waited for until its page answers unless `wait` is False."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = jax_env.subprocess_env()
   log = tempfile.TemporaryFile(mode='w+')
   process = subprocess.Popen([sys.executable, '-m', 'stllm_jax.serve', '--checkpoint', checkpoint, '--port',
                               str(port), *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+import jax_env
+
 from stllm_jax import chat, configlib, train
 from stllm_jax.configlib import load_config_file
 from stllm_jax.data import inference
@@ -31,7 +33,7 @@ def short_demo(tmp_path_factory):
   """`python -m stllm_jax.demo` (configs/demo.py by default) with the ablation, shortened, run where a user
   would (data/demo relative to the working directory)."""
   cwd = tmp_path_factory.mktemp('demo')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, XLA_FLAGS='')
+  env = jax_env.subprocess_env()
   result = subprocess.run([sys.executable, '-m', 'stllm_jax.demo', '--workdir=runs/demo',
                            '--config.demo.ablation=True', *SHORT], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)

@@ -28,6 +28,7 @@ import torch
 import transformers
 
 import convert_layouts as layouts
+import jax_env
 from conftest import randomize_
 from stllm_jax import checkpoints, configlib
 from stllm_jax.convert import cli
@@ -97,7 +98,7 @@ def base_env():
   of whatever runs the tests."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'JAX_COORDINATOR', 'JAX_NUM_PROC',
                                                                     'JAX_PROCESS_ID'))}
-  return dict(env, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  return dict(env, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, XLA_FLAGS=jax_env.xla_flags(device_count=4))
 
 
 @pytest.fixture(scope='module')
@@ -106,7 +107,7 @@ def reference(tmp_path_factory, base_env):
   workdir = tmp_path_factory.mktemp('single') / 'run'
   result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', TINY, f'--workdir={workdir}',
                            *TRAIN_ARGS], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=dict(base_env, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+                          env=dict(base_env, XLA_FLAGS=jax_env.xla_flags(device_count=8)))
   assert result.returncode == 0, result.stderr[-3000:]
   assert "8 cpu device(s), mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in result.stderr
   return workdir

@@ -125,18 +125,19 @@ def test_global_local_at_initialisation_equals_the_local_frames_alone(rng):
   np.testing.assert_array_equal(np.asarray(arranged), np.asarray(frame_tokens[:, local].reshape(2, 32, -1)))
   # and the whole model (the vision tower sees 8 frames instead of 4: float rounding only)
   config.video_input = 'all'
-  local_only = STLLM(stllm.model_config(config)).apply(
+  local_only = jax.jit(STLLM(stllm.model_config(config)).apply)(
       {'params': {k: v for k, v in params.items() if not k.startswith('global_')}},
       dict(batch, frames=batch['frames'][:, local]))
-  global_local = STLLM(cfg).apply({'params': params}, batch)
+  forward = jax.jit(lambda p, b: STLLM(cfg).apply({'params': p}, b))
+  global_local = forward(params, batch)
   assert global_local.shape == (2, 4 * 8 + 6, cfg.llm.vocab_size)
   np.testing.assert_allclose(np.asarray(global_local), np.asarray(local_only), rtol=1e-5, atol=1e-5)
 
   # once f_m is non-zero the global frames matter
   shifted = dict(params, global_up={'kernel': params['global_up']['kernel'] + 0.1, 'bias': params['global_up']['bias']})
-  assert not np.allclose(STLLM(cfg).apply({'params': shifted}, batch), global_local)
+  assert not np.allclose(forward(shifted, batch), global_local)
   with pytest.raises(ValueError, match='at least num_local_frames=4 frames, got 2'):
-    STLLM(cfg).apply({'params': params}, dict(batch, frames=batch['frames'][:, :2]))
+    forward(params, dict(batch, frames=batch['frames'][:, :2]))
 
 
 def test_new_parts_start_as_the_released_code_starts_them(tiny_config):

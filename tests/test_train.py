@@ -10,6 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import jax_env
+
 from stllm_jax import checkpoints, configlib, train
 from stllm_jax.errors import UserError
 from stllm_jax.metrics import read_jsonl
@@ -23,7 +25,7 @@ FAST = ['--config.train.steps=6', '--config.train.checkpoint_every=3', '--config
 @pytest.fixture(scope='module')
 def env():
   """8 CPU devices and the session's compilation cache (see conftest) for the subprocesses."""
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  return jax_env.subprocess_env(device_count=8)
 
 
 def run_train(workdir, env, *extra, kill_at=0):
