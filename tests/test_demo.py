@@ -179,3 +179,50 @@ def test_mean_pooled_tokens_of_reversed_twins_are_identical(tmp_path):
     tokens[mode] = np.asarray(stllm.STLLM(model_config).apply({'params': params}, batch, method='visual_tokens'))
   np.testing.assert_allclose(tokens['mean'][0], tokens['mean'][1], rtol=0, atol=1e-6)
   assert np.abs(tokens['all'][0] - tokens['all'][1]).max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------- seeds
+
+
+def _results(seed, direction, names=(demo.MAIN, 'mean_pool'), data=None):
+  """A demo_results.json as run.run writes it, with one direction accuracy for every frame count."""
+  def run(name):
+    acc = {str(t): {'direction': direction, 'shape': 1.0, 'colour': 0.5, 'all': (direction + 1.5) / 3} for t in (4, 8)}
+    return dict(name=name, title=f'title of {name}', accuracy=acc, twins_told_apart=direction / 2)
+  return dict(seed=seed, data=data or {'seed': 0}, train_frames=8, test_frames=[4, 8], runs=[run(n) for n in names])
+
+
+def test_tables_over_seeds_give_the_mean_and_the_range(tmp_path, capsys):
+  from stllm_jax.demo import seeds  # pylint: disable=g-import-not-at-top
+  workdirs = []
+  for seed, direction, names in ((0, 0.5, (demo.MAIN, 'mean_pool')), (1, 0.75, (demo.MAIN,)), (2, 1.0, (demo.MAIN,))):
+    workdirs.append(tmp_path / f'seed{seed}')
+    workdirs[-1].mkdir()
+    (workdirs[-1] / demo.RESULTS_JSON).write_text(json.dumps(_results(seed, direction, names)))
+  summary = seeds.main([*map(str, workdirs), '--out', str(tmp_path / 'seeds.json')])
+  main, pooled = summary['runs']
+  assert main['claim1']['direction'] == dict(mean=0.75, min=0.5, max=1.0, n=3)
+  assert main['claim1']['both twins right']['mean'] == 0.375 and main['by_frames']['4']['direction']['max'] == 1.0
+  assert pooled['seeds'] == [0] and pooled['claim1']['direction']['n'] == 1  # the ablation ran on seed 0 only
+  out = capsys.readouterr().out
+  assert 'over seeds 0, 1, 2' in out
+  assert f'| title of {demo.MAIN} | 75.0 (50.0-100.0) | 37.5 (25.0-50.0) | 100.0 (100.0-100.0) |' in out
+  assert '| title of mean_pool (seeds 0) | 50.0 | 25.0 | 100.0 | 50.0 |' in out
+  assert json.loads((tmp_path / 'seeds.json').read_text())['seeds'] == [0, 1, 2]
+
+
+@pytest.mark.parametrize('second, message', [
+    (_results(0, 0.5), 'repeat a seed'),
+    (_results(1, 0.5, data={'seed': 7}), 'different demos'),
+    (None, 'does not exist: run the demo into'),
+])
+def test_tables_over_seeds_refuse_what_is_not_seeds_of_one_demo(tmp_path, capsys, second, message):
+  from stllm_jax.demo import seeds  # pylint: disable=g-import-not-at-top
+  for name, results in (('a', _results(0, 0.5)), ('b', second)):
+    (tmp_path / name).mkdir()
+    if results:
+      (tmp_path / name / demo.RESULTS_JSON).write_text(json.dumps(results))
+  with pytest.raises(SystemExit) as exit_info:
+    seeds.main([str(tmp_path / 'a'), str(tmp_path / 'b')])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
