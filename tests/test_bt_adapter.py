@@ -3,6 +3,7 @@
 outputs, training-mode dropout, and the released start point."""
 
 import dataclasses
+import functools
 import types
 
 import flax.linen as nn
@@ -84,13 +85,13 @@ def test_features_and_logits_match_the_reference(world, models, parity, num_fram
     visual = hf_frame_tokens(world.hf, image_tokens, batch)  # [B, T, K, D]
     logits = hf_llm_logits(world.hf, visual.reshape(2, -1, visual.shape[-1]), batch)
   model = STLLM(cfg)
-  features = model.apply({'params': params}, batch['frames'],
-                         method=lambda m, f: m.ln_vision(m.vision_tokens(f)))
+  features = jax.jit(lambda p, f: model.apply({'params': p}, f, method=lambda m, f: m.ln_vision(m.vision_tokens(f))))(
+      params, batch['frames'])
   layout = 'scan' if scan else 'unrolled'
   assert parity(f'BT-Adapter T={num_frames} ({layout}): features after ln_vision', 'float32', features,
                 image_tokens) < 1e-5
   assert parity(f'BT-Adapter T={num_frames} ({layout}): logits', 'float32',
-                model.apply({'params': params}, batch), logits) < 1e-5
+                jax.jit(model.apply)({'params': params}, batch), logits) < 1e-5
 
 
 @pytest.mark.parametrize('num_frames', [1, 4, 16])
@@ -106,7 +107,7 @@ def test_adapter_gradients_match_torch_autograd(world, models, parity, report, n
                               batch['qformer_input_ids'], batch['qformer_attention_mask'], method='encode_frames')
     return jnp.sum(tokens * weights)
 
-  ours = strict.flatten(jax.grad(loss)(params['bt_adapter']))
+  ours = strict.flatten(jax.jit(jax.grad(loss))(params['bt_adapter']))
   named = {n: p for n, p in world.tower.named_parameters() if n.startswith('BTAdapter_')}
   tokens = hf_frame_tokens(world.hf, reference_image_tokens(world, batch['frames']), batch)
   torch_grads = torch.autograd.grad((tokens * torch.tensor(weights)).sum(), list(named.values()))
@@ -131,8 +132,10 @@ def test_adapter_gradients_match_torch_autograd(world, models, parity, report, n
   assert errors[worst] < 1e-4, errors
 
 
-def adapter_features(cfg, params, frames):
-  return np.asarray(STLLM(cfg).apply({'params': params}, frames, method='vision_tokens'))
+def adapter_features(cfg):
+  """params, frames -> the ViT's tokens (with the adapter if cfg has one), jitted."""
+  tokens = jax.jit(functools.partial(STLLM(cfg).apply, method='vision_tokens'))
+  return lambda params, frames: np.asarray(tokens({'params': params}, frames))
 
 
 def test_frame_order_matters_to_the_adapter(models, rng):
@@ -142,15 +145,17 @@ def test_frame_order_matters_to_the_adapter(models, rng):
   cfg, params = models[True]
   frames = rng.standard_normal((1, 4) + (TOWER['image_size'],) * 2 + (3,)).astype(np.float32)
   swapped = frames[:, [1, 0, 2, 3]]
-  original, permuted = (adapter_features(cfg, params, f).reshape(1, 4, -1) for f in (frames, swapped))
+  features = adapter_features(cfg)
+  original, permuted = (features(params, f).reshape(1, 4, -1) for f in (frames, swapped))
   assert not np.allclose(permuted[:, [1, 0, 2, 3]], original, atol=1e-4)
   # and every frame's output depends on the other frames (no frame is encoded alone)
-  alone = adapter_features(cfg, params, frames[:, :1]).reshape(1, 1, -1)
+  alone = features(params, frames[:, :1]).reshape(1, 1, -1)
   assert not np.allclose(alone[:, 0], original[:, 0], atol=1e-4)
   # without the adapter, frames are encoded independently: a swap only swaps the outputs
   plain = dict(cfg.to_dict(), vision=dict(cfg.vision.to_dict(), bt_adapter={'depth': 0}))
   plain_params = {k: v for k, v in params.items() if k != 'bt_adapter'}
-  original, permuted = (adapter_features(plain, plain_params, f).reshape(1, 4, -1) for f in (frames, swapped))
+  features = adapter_features(plain)
+  original, permuted = (features(plain_params, f).reshape(1, 4, -1) for f in (frames, swapped))
   np.testing.assert_allclose(permuted[:, [1, 0, 2, 3]], original, rtol=1e-5, atol=1e-5)
 
 
@@ -167,7 +172,7 @@ def test_sharded_forward_with_the_adapter_equals_single_device(models, rng):
   hold on a data x fsdp x tensor mesh (5 heads do not split over tensor=2: replicated)."""
   cfg, params = models[True]
   batch = random_batch(rng, stllm.model_config(cfg), batch_size=4, num_frames=2)
-  single = STLLM(cfg).apply({'params': params}, batch)
+  single = jax.jit(lambda p, b: STLLM(cfg).apply({'params': p}, b))(params, batch)
   mesh = sharding.make_mesh('data=2,fsdp=2,tensor=2')
   shardings = sharding.param_shardings(stllm.abstract_variables(cfg), mesh)
   assert shardings['bt_adapter']['frame_position'].spec == PartitionSpec(None, 'fsdp')
@@ -227,20 +232,26 @@ def stochastic_model(tiny_config, tiny_params):
   return config, bt_adapter.init_from_vit(tiny_params, config, jax.random.key(1))
 
 
-def forward(config, params, batch, key=None):
-  kwargs = {} if key is None else dict(deterministic=False, rngs={'dropout': jax.random.key(key)})
-  return np.asarray(STLLM(config).apply({'params': params}, batch, **kwargs))
+def forwards(config):
+  """The model's jitted forward: forward(params, batch) evaluates, forward(params, batch, key) trains with the
+  dropout rng of that key."""
+  model = STLLM(config)
+  evaluate = jax.jit(lambda p, b: model.apply({'params': p}, b))
+  train = jax.jit(lambda p, b, k: model.apply({'params': p}, b, deterministic=False, rngs={'dropout': k}))
+  return lambda p, b, key=None: np.asarray(evaluate(p, b) if key is None else train(p, b, jax.random.key(key)))
 
 
 def test_dropout_only_in_explicit_training_mode(stochastic_model, rng):
   config, params = stochastic_model
   batch = random_batch(rng, stllm.model_config(config), num_frames=3)
-  evaluation = forward(config, params, batch)
-  np.testing.assert_array_equal(evaluation, np.asarray(
-      STLLM(config).apply({'params': params}, batch, deterministic=True, rngs={'dropout': jax.random.key(5)})))
-  np.testing.assert_array_equal(forward(config, params, batch, key=1), forward(config, params, batch, key=1))
-  assert not np.allclose(forward(config, params, batch, key=1), forward(config, params, batch, key=2))
-  assert not np.allclose(forward(config, params, batch, key=1), evaluation)
+  forward = forwards(config)
+  evaluation = forward(params, batch)
+  np.testing.assert_array_equal(evaluation, np.asarray(jax.jit(
+      lambda p, b: STLLM(config).apply({'params': p}, b, deterministic=True, rngs={'dropout': jax.random.key(5)}))(
+          params, batch)))
+  np.testing.assert_array_equal(forward(params, batch, key=1), forward(params, batch, key=1))
+  assert not np.allclose(forward(params, batch, key=1), forward(params, batch, key=2))
+  assert not np.allclose(forward(params, batch, key=1), evaluation)
   with pytest.raises(ValueError, match=r"training mode \(deterministic=False\).*needs a 'dropout' rng"):
     STLLM(config).apply({'params': params}, batch, deterministic=False)
 
@@ -251,7 +262,8 @@ def test_each_kind_of_dropout_acts_alone(stochastic_model, rng, qformer_dropout,
   config = configlib.to_dict(config)
   config['qformer']['dropout'], config['vision']['bt_adapter']['drop_path'] = qformer_dropout, drop_path
   batch = random_batch(rng, stllm.model_config(config), num_frames=3)
-  assert not np.allclose(forward(config, params, batch, key=1), forward(config, params, batch))
+  forward = forwards(config)
+  assert not np.allclose(forward(params, batch, key=1), forward(params, batch))
 
 
 def test_training_mode_with_zero_rates_equals_evaluation(stochastic_model, rng):
@@ -259,8 +271,9 @@ def test_training_mode_with_zero_rates_equals_evaluation(stochastic_model, rng):
   config = configlib.to_dict(config)
   config['qformer']['dropout'], config['vision']['bt_adapter']['drop_path'] = 0.0, 0.0
   batch = random_batch(rng, stllm.model_config(config), num_frames=3)
-  training = STLLM(config).apply({'params': params}, batch, deterministic=False)  # no rng needed
-  np.testing.assert_array_equal(np.asarray(training), forward(config, params, batch))
+  model = STLLM(config)
+  training = jax.jit(lambda p, b: model.apply({'params': p}, b, deterministic=False))(params, batch)  # no rng needed
+  np.testing.assert_array_equal(np.asarray(training), forwards(config)(params, batch))
 
 
 def test_explicit_attention_of_the_dropout_path_equals_the_fused_one(rng):
@@ -315,7 +328,8 @@ def test_init_from_vit_is_the_released_start_point(tiny_config, tiny_params, sca
   assert position.shape == (64, 64) and abs(position.mean()) < 0.05 and abs(position.std() - 1) < 0.05
   # the start point runs
   batch = random_batch(np.random.default_rng(0), stllm.model_config(config), num_frames=2)
-  assert np.all(np.isfinite(STLLM(config).apply({'params': fresh}, batch, method='visual_tokens')))
+  tokens = jax.jit(functools.partial(STLLM(config).apply, method='visual_tokens'))({'params': fresh}, batch)
+  assert np.all(np.isfinite(tokens))
   config.vision.scan_layers = not scan
   with pytest.raises(ValueError, match=f'scan_layers={not scan} but the ViT params are'):
     bt_adapter.init_from_vit(params, config, jax.random.key(1))

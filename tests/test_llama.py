@@ -88,7 +88,7 @@ def test_scan_and_remat_do_not_change_outputs_or_gradients(rng, remat):
 
   def loss_and_grad(cfg, params):
     fn = lambda p: jnp.mean(logits(cfg, p, ids, mask) ** 2)
-    return jax.value_and_grad(fn)(params)
+    return jax.jit(jax.value_and_grad(fn))(params)
 
   cfg_s = hf.llm_config_from_hf(model.config)
   cfg_s.remat_policy = remat
@@ -137,7 +137,7 @@ def test_named_remat_policies_save_what_they_name_and_change_no_gradient(rng):
   for policy in layers.REMAT_POLICIES:
     model = Llama(dataclasses.replace(base, remat_policy=policy))
     loss = lambda p, model=model: jnp.mean(model.apply({'params': p}, ids, mask, method='forward_ids') ** 2)
-    value, grads = jax.value_and_grad(loss)(params)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
     residuals = saved_residuals(loss, params)
     names = {re.match(r"named '(\w+)'", what).group(1) for _, what in residuals if what.startswith('named')}
     results[policy] = (value, grads, sum(size for size, _ in residuals), names)

@@ -54,7 +54,7 @@ def test_every_parameter_of_the_7b_model_has_a_rule():
 def test_sharded_forward_equals_single_device(converted, rng):
   cfg, params = converted
   batch = random_batch(rng, stllm.model_config(cfg), batch_size=4, num_frames=2)
-  single = STLLM(cfg).apply({'params': params}, batch)
+  single = jax.jit(lambda p, b: STLLM(cfg).apply({'params': p}, b))(params, batch)
 
   mesh = sharding.make_mesh('data=2,fsdp=2,tensor=2')
   abstract = stllm.abstract_variables(cfg)

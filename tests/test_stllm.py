@@ -27,7 +27,7 @@ def test_one_frame_equals_instructblip_forward(hf_instructblip, converted, parit
         qformer_attention_mask=torch.tensor(batch['qformer_attention_mask']).long(),
         input_ids=torch.tensor(np.concatenate([image_ids, batch['input_ids']], 1)).long(),
         attention_mask=torch.tensor(np.concatenate([np.ones((2, k)), batch['attention_mask']], 1)).long()).logits
-  ours = STLLM(cfg).apply({'params': params}, batch)
+  ours = jax.jit(STLLM(cfg).apply)({'params': params}, batch)
   assert ours.shape == (2, k + 6, cfg.llm.vocab_size) and ours.dtype == jnp.float32
   assert parity('ST-LLM 1 frame vs InstructBLIP forward (logits)', 'float32', ours, reference) < 1e-5
 
@@ -38,7 +38,7 @@ def test_frames_in_time_order_equal_hugging_face_composite(hf_instructblip, pari
   batch = random_batch(rng, stllm.model_config(cfg), batch_size=2, num_frames=3)
   visual = hf_visual_tokens(hf_instructblip, batch)  # [B, T, K, D]
   reference = hf_llm_logits(hf_instructblip, visual.reshape(2, -1, visual.shape[-1]), batch)
-  ours = STLLM(cfg).apply({'params': params}, batch)
+  ours = jax.jit(STLLM(cfg).apply)({'params': params}, batch)
   assert ours.shape == (2, 3 * 4 + 6, cfg.llm.vocab_size)
   assert parity('ST-LLM 3 frames, video_input=all (logits)', dtype, ours, reference) < tolerance
 
@@ -47,7 +47,7 @@ def test_mean_pooling_baseline_equals_hugging_face_composite(hf_instructblip, pa
   cfg, params = convert(hf_instructblip, video_input='mean')
   batch = random_batch(rng, stllm.model_config(cfg), batch_size=2, num_frames=3)
   reference = hf_llm_logits(hf_instructblip, hf_visual_tokens(hf_instructblip, batch).mean(1), batch)
-  ours = STLLM(cfg).apply({'params': params}, batch)
+  ours = jax.jit(STLLM(cfg).apply)({'params': params}, batch)
   assert ours.shape == (2, 4 + 6, cfg.llm.vocab_size)
   assert parity('ST-LLM 3 frames, video_input=mean (logits)', 'float32', ours, reference) < 1e-5
 
@@ -57,7 +57,8 @@ def test_frame_order_matters_for_all_but_not_for_mean(hf_instructblip, rng):
   reversed_batch = dict(batch, frames=batch['frames'][:, ::-1])
   for mode, order_matters in (('all', True), ('mean', False)):
     cfg, params = convert(hf_instructblip, video_input=mode)
-    forward = lambda b: np.asarray(STLLM(cfg).apply({'params': params}, b))[:, -1]
+    apply = jax.jit(STLLM(cfg).apply)
+    forward = lambda b, apply=apply, params=params: np.asarray(apply({'params': params}, b))[:, -1]
     same = np.allclose(forward(batch), forward(reversed_batch), atol=1e-5)
     assert same != order_matters, mode
 
