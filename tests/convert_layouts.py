@@ -25,8 +25,13 @@ import numpy as np
 import torch
 import transformers
 
+from conftest import randomize_
+from stllm_jax import configlib
 from stllm_jax.convert import hf
+from stllm_jax.data import conversation
 from stllm_jax.demo import tiny_tokenizers
+
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'tiny.py')
 
 CORPUS = ['a red ball moves to the left', 'what colour is the square', 'the video shows a blue circle'] * 3
 
@@ -52,6 +57,19 @@ HF_TO_LAVIS = (
 def hf_config_for(model_config) -> transformers.InstructBlipConfig:
   return transformers.InstructBlipConfig(**{k: v for k, v in hf.hf_instructblip_config(model_config).items()
                                             if k != 'model_type'})
+
+
+def tiny_instructblip(root: str, **model_overrides):
+  """The ground truth: configs/tiny.py's architecture (its LLM vocabulary the tiny tokenizer's) as a random HF
+  InstructBLIP, every parameter random (seeded), and the tiny tokenizers written under `root`:
+  (our config.model with `model_overrides`, the model, the LLM tokenizer directory, the Q-Former's)."""
+  llm_tokenizer, qformer_tokenizer = tokenizers(root)
+  cfg = configlib.load_config_file(TINY).model
+  cfg.llm.vocab_size = len(conversation.load_llm_tokenizer(llm_tokenizer))
+  cfg.update(model_overrides)
+  torch.manual_seed(0)
+  model = randomize_(transformers.InstructBlipForConditionalGeneration(hf_config_for(cfg)), seed=1)
+  return cfg, model, llm_tokenizer, qformer_tokenizer
 
 
 def tokenizers(directory: str) -> tuple[str, str]:

@@ -21,7 +21,6 @@ import torch
 import transformers
 
 import convert_layouts as layouts
-from conftest import randomize_
 from stllm_jax import checkpoints, configlib, loading, sharding
 from stllm_jax.convert import cli, export, reference, sources, verify
 from stllm_jax.data import conversation
@@ -37,12 +36,7 @@ SECTION = 'convert verify: PyTorch reference vs converted JAX model (float32 com
 def world(tmp_path_factory):
   """A random HF InstructBLIP with configs/tiny.py's architecture, and the tiny tokenizers."""
   root = str(tmp_path_factory.mktemp('convert'))
-  llm_tokenizer, qformer_tokenizer = layouts.tokenizers(root)
-  cfg = configlib.load_config_file(TINY).model
-  cfg.llm.vocab_size = len(conversation.load_llm_tokenizer(llm_tokenizer))
-  cfg.global_mlp_dim = 16
-  torch.manual_seed(0)
-  model = randomize_(transformers.InstructBlipForConditionalGeneration(layouts.hf_config_for(cfg)), seed=1)
+  cfg, model, llm_tokenizer, qformer_tokenizer = layouts.tiny_instructblip(root, global_mlp_dim=16)
   return types.SimpleNamespace(root=root, cfg=cfg, model=model, llm_tokenizer=llm_tokenizer,
                                qformer_tokenizer=qformer_tokenizer, n=iter(range(10 ** 6)))
 

@@ -24,15 +24,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import torch
-import transformers
 
 import convert_layouts as layouts
 import jax_env
-from conftest import randomize_
-from stllm_jax import checkpoints, configlib
+from stllm_jax import checkpoints
 from stllm_jax.convert import cli
-from stllm_jax.data import conversation
 from stllm_jax.data.random_batches import RandomBatches
 from stllm_jax.metrics import read_jsonl
 from stllm_jax.models import stllm
@@ -215,11 +211,7 @@ def test_two_processes_train_as_one_through_a_sigkill_and_a_resume(tmp_path, bas
 def sharded_weights(tmp_path_factory):
   """A tiny random InstructBLIP (configs/tiny.py's architecture) converted with --mesh fsdp=8."""
   root = str(tmp_path_factory.mktemp('weights'))
-  llm_tokenizer, qformer_tokenizer = layouts.tokenizers(root)
-  cfg = configlib.load_config_file(TINY).model
-  cfg.llm.vocab_size = len(conversation.load_llm_tokenizer(llm_tokenizer))
-  torch.manual_seed(0)
-  model = randomize_(transformers.InstructBlipForConditionalGeneration(layouts.hf_config_for(cfg)), seed=1)
+  _, model, llm_tokenizer, qformer_tokenizer = layouts.tiny_instructblip(root)
   source = layouts.hf_dir(os.path.join(root, 'hf'), model, 'safetensors', llm_tokenizer, qformer_tokenizer)
   out = os.path.join(root, 'sharded')
   with pytest.raises(SystemExit) as exit_info:
