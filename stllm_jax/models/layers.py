@@ -90,8 +90,12 @@ class Dense(nn.Module):
     if len(self.axes) != len(kernel_shape):
       raise ValueError(f'{self.name}: {len(self.axes)} axis names {self.axes} for a kernel of shape {kernel_shape}')
     kernel = self.param('kernel', param_init(self.kernel_init, self.axes), kernel_shape, self.param_dtype)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((axis, tuple(range(len(axis)))), ((), ())))
+    if axis == tuple(range(x.ndim - len(axis), x.ndim)):
+      matmul = contract_trailing if jax.default_backend() == 'cpu' else dot_trailing
+      y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), len(axis))
+    else:
+      y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                              ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
       bias = self.param('bias', param_init(self.bias_init, self.axes[len(axis):]), features, self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -99,6 +103,47 @@ class Dense(nn.Module):
       y = y + LoRA(self.lora_rank, self.lora_alpha, features, self.axes, len(axis), self.dtype, self.param_dtype,
                    self.lora_dropout, name='lora')(x, axis)
     return y
+
+
+def dot_trailing(x: Array, kernel: Array, n_in: int) -> Array:
+  """x [..., *in] . kernel [*in, *out] -> [..., *out] with autodiff's gradient (what contract_trailing equals)."""
+  return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def contract_trailing(x: Array, kernel: Array, n_in: int) -> Array:
+  """x [..., *in] . kernel [*in, *out] -> [..., *out]: a dense layer's matmul, contracting x's last `n_in` axes.
+
+  Its gradient is autodiff's, but it says which operand of the kernel gradient (x^T . dy, contracting every
+  token) is transposed: the smaller of x and dy. Left to itself, XLA:CPU writes a transposed copy of whichever
+  operand its matmul library needs, often the larger one (in a SwiGLU's gate and up projections the
+  [tokens, mlp] gradient instead of the [tokens, embed] input): 9% of the bench_small train step (BENCHMARK.md,
+  "The same A/B by vector instruction set"). The values are the same up to float rounding. Dense uses it on CPU
+  only: GPU and TPU compilers choose their own operand layouts (not measured with it).
+  """
+  return dot_trailing(x, kernel, n_in)
+
+
+def _contract_forward(x: Array, kernel: Array, n_in: int) -> tuple[Array, tuple[Array, Array]]:
+  return dot_trailing(x, kernel, n_in), (x, kernel)
+
+
+def _contract_backward(n_in: int, residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+  x, kernel = residuals
+  n_out, n_batch = kernel.ndim - n_in, x.ndim - n_in
+  tokens = tuple(range(n_batch))
+  dx = jax.lax.dot_general(dy, kernel, ((tuple(range(n_batch, dy.ndim)), tuple(range(n_in, kernel.ndim))), ((), ())))
+  if math.prod(kernel.shape[:n_in]) <= math.prod(kernel.shape[n_in:]):
+    x_t = jnp.transpose(x, tuple(range(n_batch, x.ndim)) + tokens)  # [*in, tokens...]
+    dk = jax.lax.dot_general(x_t, dy, ((tuple(range(n_in, x.ndim)), tokens), ((), ())))  # [*in, *out]
+  else:
+    dy_t = jnp.transpose(dy, tuple(range(n_batch, dy.ndim)) + tokens)  # [*out, tokens...]
+    dk_t = jax.lax.dot_general(dy_t, x, ((tuple(range(n_out, dy.ndim)), tokens), ((), ())))  # [*out, *in]
+    dk = jnp.transpose(dk_t, tuple(range(n_out, n_out + n_in)) + tuple(range(n_out)))
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+contract_trailing.defvjp(_contract_forward, _contract_backward)
 
 
 def torch_linear_init(fan_in: int) -> Callable:
