@@ -22,6 +22,7 @@ from stllm_jax.demo import run as demo_run
 from stllm_jax.errors import UserError, exit_with
 
 SAME_DEMO_KEYS = ('data', 'train_frames', 'test_frames')  # what seeds of one demo share
+TIMINGS = ('seconds',)  # in `data`: how long writing the set took, when that run wrote it
 
 
 def read_results(workdir: str) -> dict:
@@ -43,7 +44,7 @@ def across_seeds(results: Sequence[Mapping[str, Any]]) -> dict:
   if len(set(seeds)) != len(seeds):
     raise UserError(f'the workdirs repeat a seed ({seeds}): give one workdir per seed')
   for key in SAME_DEMO_KEYS:
-    if any(r[key] != results[0][key] for r in results[1:]):
+    if any(_identity(r[key]) != _identity(results[0][key]) for r in results[1:]):
       raise UserError(f'the workdirs come from different demos ({key} differs): compare seeds of one demo only')
   names = []
   for r in results:
@@ -62,6 +63,10 @@ def across_seeds(results: Sequence[Mapping[str, Any]]) -> dict:
                      by_frames=by_frames))
   return dict(seeds=seeds, train_frames=results[0]['train_frames'], test_frames=results[0]['test_frames'],
               runs=runs)
+
+
+def _identity(value: Any) -> Any:
+  return {k: v for k, v in value.items() if k not in TIMINGS} if isinstance(value, dict) else value
 
 
 def _stats(values: Sequence[float]) -> dict:
