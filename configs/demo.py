@@ -1,7 +1,7 @@
 """The built-in demo: a tiny ST-LLM trained from scratch on synthetic moving shapes, on a CPU, in minutes.
 
 Run:
-    python -m stllm_jax.demo                                 # one model, this config (~7 min on 2 cores)
+    python -m stllm_jax.demo                                 # one model, this config (~6 min on 2 cores)
     python -m stllm_jax.demo --config.demo.ablation=True     # + no-masking and mean-pooling models
     python -m stllm_jax.chat --checkpoint runs/demo --video data/demo/videos/test_0000_a.mp4 \
         --prompt "In which direction does the circle move?"
