@@ -67,15 +67,20 @@ def describe() -> dict[str, Any]:
           'hbm_bandwidth_gbps': hbm_bandwidth_gbps(device.device_kind)}
 
 
-def cpu_model_name() -> str:
+def _cpuinfo(*fields: str) -> str | None:
+  """The value of the first /proc/cpuinfo line that starts with one of `fields`; None without one (or the file)."""
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
+        if line.startswith(fields):
           return line.split(':', 1)[1].strip()
   except OSError:
     pass
-  return 'unknown'
+  return None
+
+
+def cpu_model_name() -> str:
+  return _cpuinfo('model name') or 'unknown'
 
 
 # Vector instruction sets, widest first: the /proc/cpuinfo flag that names each.
@@ -89,15 +94,7 @@ _TORCH_ISA_NAMES = {'AVX512': 'AVX-512', 'AVX2': 'AVX2', 'DEFAULT': 'none', 'ZVE
 def cpu_isa() -> dict[str, str]:
   """The host CPU's widest vector instruction set, and the one each framework is limited to: XLA by
   `--xla_cpu_max_isa` in XLA_FLAGS, PyTorch by ATEN_CPU_CAPABILITY (read only if torch is already imported)."""
-  flags = set()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith(('flags', 'Features')):
-          flags = set(line.split(':', 1)[1].split())
-          break
-  except OSError:
-    pass
+  flags = set((_cpuinfo('flags', 'Features') or '').split())  # x86 names them flags, Arm Features
   host = next((name for name, flag in _ISA_FLAGS if flag in flags), 'unknown')
   isa = {'host': host, 'xla': host}
   for flag in os.environ.get('XLA_FLAGS', '').split():
