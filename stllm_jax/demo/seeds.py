@@ -53,12 +53,11 @@ def across_seeds(results: Sequence[Mapping[str, Any]]) -> dict:
   runs = []
   for name in names:
     found = [(r['seed'], run) for r in results for run in r['runs'] if run['name'] == name]
-    claim1 = {'direction': _stats([run['accuracy'][train_key]['direction'] for _, run in found]),
+    accuracy = lambda frames, kind: _stats([run['accuracy'][str(frames)][kind] for _, run in found])
+    claim1 = {'direction': accuracy(train_key, 'direction'),
               'both twins right': _stats([run['twins_told_apart'] for _, run in found]),
-              'shape': _stats([run['accuracy'][train_key]['shape'] for _, run in found]),
-              'colour': _stats([run['accuracy'][train_key]['colour'] for _, run in found])}
-    by_frames = {str(t): {kind: _stats([run['accuracy'][str(t)][kind] for _, run in found])
-                          for kind in ('all', 'direction')} for t in results[0]['test_frames']}
+              'shape': accuracy(train_key, 'shape'), 'colour': accuracy(train_key, 'colour')}
+    by_frames = {str(t): {kind: accuracy(t, kind) for kind in ('all', 'direction')} for t in results[0]['test_frames']}
     runs.append(dict(name=name, title=found[0][1]['title'], seeds=[seed for seed, _ in found], claim1=claim1,
                      by_frames=by_frames))
   return dict(seeds=seeds, train_frames=results[0]['train_frames'], test_frames=results[0]['test_frames'],
