@@ -66,6 +66,14 @@ def test_sharded_run_and_exact_resume_after_sigkill(tmp_path, env, report):
   assert compiled <= 2  # 2 visual buckets x 1 text bucket
 
 
+def test_the_command_imports_neither_torch_nor_transformers(env):
+  """Training reads text only through the data pipeline's tokenizers: the command starts without transformers
+  (and the torch it imports), seconds sooner."""
+  probe = 'import sys, stllm_jax.train; print(sorted(m for m in ("torch", "transformers") if m in sys.modules))'
+  result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == '[]', result.stdout + result.stderr[-2000:]
+
+
 QA_DATASETS = {  # the released QA recipe's datasets -> annotation file and video directory under data/videochat2
     'caption_videochatgpt': ('video/conversation/videochatgpt/train_full_flat.json', 'ANet/ANet_320p_fps30'),
     'classification_k710': ('video/classification/k710/train.json', 'k710'),

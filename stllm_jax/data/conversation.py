@@ -43,9 +43,7 @@ import os
 from typing import Sequence
 
 import numpy as np
-import transformers
 
-from stllm_jax.data import slow_llama
 from stllm_jax.data.errors import DataError, SampleError
 
 EOS_TOKEN = '</s>'
@@ -54,6 +52,7 @@ DEC_TOKEN = '[DEC]'
 HUMAN = '###Human: '
 ASSISTANT = '###Assistant: '
 SEPARATOR = '###'  # generation stops at it
+SENTENCEPIECE_MODEL = 'tokenizer.model'  # a directory with it holds a slow (SentencePiece) LLaMA tokenizer
 QFORMER_MAX_LENGTH = 256
 MAX_ANSWER_TOKENS = 256  # the released max_txt_len: the answer and its closing </s> are cut to this many tokens
 
@@ -141,7 +140,14 @@ def answer_text(tokenizer, generated_ids: Sequence[int], stop_strings: Sequence[
 # ----------------------------------------------------------------------------------------- tokenizers
 
 
-def _load(directory: str, what: str, field: str, tokenizer_class=transformers.AutoTokenizer, **kwargs):
+def _load(directory: str, what: str, field: str, tokenizer_class=None, **kwargs):
+  """`tokenizer_class` (default transformers' AutoTokenizer) from a local directory, or a DataError saying why not.
+
+  transformers (and the torch it imports) is imported here, on the first tokenizer: training on random batches,
+  the converter's checks and every command that reads no text start without it."""
+  if tokenizer_class is None:
+    import transformers  # pylint: disable=g-import-not-at-top
+    tokenizer_class = transformers.AutoTokenizer
   if not directory or not os.path.isdir(directory):
     raise DataError(f'data.{field}={directory!r} is not a directory. Point it at a local Hugging Face '
                     f'{what} tokenizer directory (tokenizer.json or tokenizer.model + tokenizer_config.json); '
@@ -160,7 +166,8 @@ def load_llm_tokenizer(directory: str):
   tokenizer (`slow_llama.LlamaTokenizer`, ids = SentencePiece's); one with only `tokenizer.json` (the tiny
   tokenizers of the synthetic set and the tests) as its fast tokenizer.
   """
-  if os.path.isfile(os.path.join(directory or '', slow_llama.SENTENCEPIECE_MODEL)):
+  if os.path.isfile(os.path.join(directory or '', SENTENCEPIECE_MODEL)):
+    from stllm_jax.data import slow_llama  # pylint: disable=g-import-not-at-top  (imports transformers)
     tok = _load(directory, 'LLaMA/Vicuna', 'llm_tokenizer', slow_llama.LlamaTokenizer, legacy=True,
                 clean_up_tokenization_spaces=False)
   else:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-SENTENCEPIECE_MODEL = 'tokenizer.model'
-
 
 class LlamaTokenizer(SentencePieceBackend):
   """SentencePiece between special tokens (load with `legacy=True`), decoded through SentencePiece."""
