@@ -27,6 +27,7 @@ import pytest
 
 import convert_layouts as layouts
 import jax_env
+from command_helpers import run_train
 from stllm_jax import checkpoints
 from stllm_jax.convert import cli
 from stllm_jax.data.random_batches import RandomBatches
@@ -98,12 +99,10 @@ def base_env():
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, base_env):
-  """The same training in one process with all 8 devices: its workdir."""
+def reference(tmp_path_factory):
+  """The same training in one process with all 8 devices (this one's, see conftest): its workdir."""
   workdir = tmp_path_factory.mktemp('single') / 'run'
-  result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', TINY, f'--workdir={workdir}',
-                           *TRAIN_ARGS], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=dict(base_env, XLA_FLAGS=jax_env.xla_flags(device_count=8)))
+  result = run_train('--config', TINY, f'--workdir={workdir}', *TRAIN_ARGS)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "8 cpu device(s), mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in result.stderr
   return workdir

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import command_helpers
 import data_helpers as helpers
 from stllm_jax import checkpoints, chat, evaluate, loading, train
 from stllm_jax.convert import cli as convert_cli
@@ -63,12 +64,6 @@ def one_line(capsys) -> str:
   err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith('warning:')]
   assert len(err) == 1, err
   return err[0]
-
-
-def cli(module, *args, cwd=ROOT, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                        timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------------ security
@@ -315,7 +310,7 @@ def test_a_short_run_reports_skips_and_the_failure_share_holds(half_broken_data,
     (['--config', 'configs/tiny.py', '--config.train.lr=-1.0'], 'train.lr must be >= 0, got -1.0'),
 ])
 def test_command_line_mistakes_are_one_line(tmp_path, args, message):
-  result = cli('stllm_jax.train', *args, f'--workdir={tmp_path / "run"}')
+  result = command_helpers.run_train(*args, f'--workdir={tmp_path / "run"}')
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines() == [f'error: {message}'] or message in result.stderr.strip()
   assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) <= 2

@@ -1,4 +1,7 @@
-"""The training entry point: a sharded run, exact resume after SIGKILL, first-run and non-finite messages."""
+"""The training entry point: a sharded run, exact resume after SIGKILL, first-run and non-finite messages.
+
+The command runs in this process (command_helpers.run_train, 8 simulated devices from conftest) except where it
+must be a process of its own: the run killed by SIGKILL, and the check that the command imports no torch."""
 
 import os
 import signal
@@ -11,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jax_env
+from command_helpers import run_train
 
 from stllm_jax import checkpoints, configlib, train
 from stllm_jax.errors import UserError
@@ -28,12 +32,14 @@ def env():
   return jax_env.subprocess_env(device_count=8)
 
 
-def run_train(workdir, env, *extra, kill_at=0):
-  """`python -m stllm_jax.train` on the tiny config; with `kill_at`, SIGKILLed before that step (killed_train.py)."""
-  command = [os.path.join(ROOT, 'tests', 'killed_train.py'), str(kill_at)] if kill_at else ['-m', 'stllm_jax.train']
-  return subprocess.run([sys.executable, *command, '--config', 'configs/tiny.py',
-                         f'--workdir={workdir}', *FAST, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=900)
+def tiny_args(workdir):
+  return ['--config', 'configs/tiny.py', f'--workdir={workdir}', *FAST]
+
+
+def run_killed_train(workdir, env, kill_at):
+  """`python -m stllm_jax.train` on the tiny config, SIGKILLed before step `kill_at` (killed_train.py)."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'killed_train.py'), str(kill_at),
+                         *tiny_args(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def final_params(workdir):
@@ -43,13 +49,13 @@ def final_params(workdir):
 
 
 def test_sharded_run_and_exact_resume_after_sigkill(tmp_path, env, report):
-  straight = run_train(tmp_path / 'straight', env)
+  straight = run_train(*tiny_args(tmp_path / 'straight'))
   assert straight.returncode == 0, straight.stderr[-3000:]
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in straight.stderr
 
-  killed = run_train(tmp_path / 'resumed', env, kill_at=5)  # dies before step 5: step 4 is lost
-  assert killed.returncode == -signal.SIGKILL
-  resumed = run_train(tmp_path / 'resumed', env)
+  killed = run_killed_train(tmp_path / 'resumed', env, kill_at=5)  # dies before step 5: step 4 is lost
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  resumed = run_train(*tiny_args(tmp_path / 'resumed'))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from step 3' in resumed.stderr
 
@@ -94,10 +100,9 @@ CONVERSATION_DATASETS = {  # the released conversation recipe's
 
 @pytest.mark.parametrize('config, datasets', [('stllm_7b.py', QA_DATASETS),
                                               ('stllm_7b_global_local.py', CONVERSATION_DATASETS)])
-def test_first_run_of_a_7b_config_names_every_missing_dataset_and_where_it_goes(tmp_path, env, config, datasets):
+def test_first_run_of_a_7b_config_names_every_missing_dataset_and_where_it_goes(tmp_path, config, datasets):
   workdir = tmp_path / 'run'
-  result = subprocess.run([sys.executable, '-m', 'stllm_jax.train', '--config', f'configs/{config}',
-                           f'--workdir={workdir}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  result = run_train('--config', f'configs/{config}', f'--workdir={workdir}')
   assert result.returncode == 2
   assert 'Traceback' not in result.stderr
   assert 'cannot start training' in result.stderr
@@ -118,8 +123,8 @@ def test_first_run_message_leaves_out_a_dataset_of_weight_0():
       f'dataset {name}' for name in QA_DATASETS if name != 'classification_k710')
 
 
-def test_bad_config_value_is_one_message(tmp_path, env):
-  result = run_train(tmp_path, env, '--config.train.mvm_loss=l1')
+def test_bad_config_value_is_one_message(tmp_path):
+  result = run_train(*tiny_args(tmp_path), '--config.train.mvm_loss=l1')
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert "train.mvm_loss='l1'" in result.stderr
 
@@ -129,8 +134,8 @@ def test_bad_config_value_is_one_message(tmp_path, env):
     ('--config.train.stepz=3', "--config.train.stepz: the config has no field 'stepz' (Did you mean \"steps\""),
     ('--config.nope.x=1', "--config.nope.x: the config has no field 'nope'"),
 ])
-def test_override_of_a_field_the_config_lacks_is_one_message(tmp_path, env, override, message):
-  result = run_train(tmp_path, env, override)
+def test_override_of_a_field_the_config_lacks_is_one_message(tmp_path, override, message):
+  result = run_train(*tiny_args(tmp_path), override)
   assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert message in result.stderr
 
