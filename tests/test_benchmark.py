@@ -48,6 +48,7 @@ def test_train_two_steps(tmp_path, report):
                                         for r in result['steps_log'])  # 32 - int(0.5 * 32) kept in 18 slots
   assert result['compiled_programs'] == 2 <= result['bucket_combinations'] == 4 * 2  # (13, 18, 23, 32) x (16, 24)
   assert result['unmasked']['masked_over_unmasked_median'] > 0
+  assert result['cost_check']['program'].startswith('unrolled variant')  # configs/tiny.py scans its layers
   report('benchmark (tiny, 2 steps, smoke only)',
          f"train: analytic / XLA FLOPs {result['cost_check']['analytic_over_xla']:.3f}")
 
@@ -198,8 +199,13 @@ def test_bt_adapter_flops_match_a_hand_count_and_xla(tmp_path, report):
   got = flops.train_step_flops(cfg, batch_size=2, num_frames=4, text_len=16, qformer_text_len=8, n_keep=13, mvm=True)
   assert got['bt_adapter_train'] == 2 * 3 * 2 * (temporal + spatial)
   assert got['qformer_input_gradient'] == got['qformer_forward']
+  # Layers unrolled and one micro-batch: XLA's cost analysis reads the step itself (test_train_two_steps covers
+  # the unrolled variant compiled for a scanning config).
   result = run(tmp_path, 'train', '--config', TINY, '--steps', '2', '--mask-rate', '0.5', ONE_DEVICE,
-               '--config.model.vision.bt_adapter.depth=2', '--config.model.qformer.dropout=0.1')
+               '--config.model.vision.bt_adapter.depth=2', '--config.model.qformer.dropout=0.1',
+               '--config.model.vision.scan_layers=False', '--config.model.llm.scan_layers=False',
+               '--config.train.grad_accum_steps=1')
+  assert result['cost_check']['program'] == 'the train step itself'
   assert 0.8 < result['cost_check']['analytic_over_xla'] < 1.2
   report('benchmark (tiny + 2-layer BT-Adapter, 2 steps)',
          f"train: analytic / XLA FLOPs {result['cost_check']['analytic_over_xla']:.3f}")
