@@ -11,16 +11,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import sys
 
 import jax
 from absl import flags
+from absl import logging as absl_logging
 
 from stllm_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What the command sets for its process, put back afterwards so that the tests after it run as before.
+# What the command sets for its process (with its log level and filter and its unraisable-exception hook), put back afterwards so
+# that the tests after it run as before.
 _JAX_SETTINGS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
 
 
@@ -43,7 +46,8 @@ def run_train(*args: str) -> Finished:
   """`python -m stllm_jax.train *args` from the repository root: its exit status and what it printed."""
   argv = ['stllm_jax.train', *args]
   settings = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
-  saved_argv, saved_cwd = sys.argv, os.getcwd()
+  saved_argv, saved_cwd, saved_hook = sys.argv, os.getcwd(), sys.unraisablehook
+  saved_filters, saved_verbosity = list(logging.getLogger('absl').filters), absl_logging.get_verbosity()
   out, err = io.StringIO(), io.StringIO()
   returncode = 0
   try:
@@ -54,7 +58,9 @@ def run_train(*args: str) -> Finished:
   except SystemExit as exit_:
     returncode = exit_.code if isinstance(exit_.code, int) else 1
   finally:
-    sys.argv = saved_argv
+    sys.argv, sys.unraisablehook = saved_argv, saved_hook
+    logging.getLogger('absl').filters[:] = saved_filters
+    absl_logging.set_verbosity(saved_verbosity)
     os.chdir(saved_cwd)
     _forget_flag_values()
     for name, value in settings.items():
