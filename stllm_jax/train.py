@@ -102,11 +102,13 @@ def initialize_distributed() -> None:
 
 
 def enable_compilation_cache() -> None:
-  """Compiled train steps are kept on disk (JAX_COMPILATION_CACHE_DIR, default ~/.cache/stllm_jax/xla),
-  so a rerun or a resumed run does not compile its programs again."""
+  """Compiled train steps are kept on disk (JAX_COMPILATION_CACHE_DIR, default ~/.cache/stllm_jax/xla; programs
+  that compile in at least JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, default 1 s), so a rerun or a resumed run
+  does not compile its programs again."""
   cache = os.environ.get('JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/stllm_jax/xla'))
   jax.config.update('jax_compilation_cache_dir', cache)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1.0)))
 
 
 def train(config: Any, workdir: str) -> dict:

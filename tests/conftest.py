@@ -11,8 +11,10 @@ import tempfile
 import jax_env
 
 os.environ.setdefault('XLA_FLAGS', jax_env.xla_flags(device_count=8))
-# One compilation cache for the session and the subprocesses it starts: a program compiles once.
+# One compilation cache for the session and the subprocesses it starts, of every program however quickly it
+# compiles: a program compiles once (the processes of the multi-process and SIGKILL tests compile alike).
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='stllm_jax_test_xla_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
@@ -26,7 +28,8 @@ from stllm_jax.convert import hf  # noqa: E402
 from stllm_jax.models import stllm  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 torch.set_num_threads(2)
 transformers.logging.set_verbosity_error()
 

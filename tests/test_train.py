@@ -80,6 +80,23 @@ def test_the_command_imports_neither_torch_nor_transformers(env):
   assert result.returncode == 0 and result.stdout.strip() == '[]', result.stdout + result.stderr[-2000:]
 
 
+def test_the_compilation_cache_follows_its_environment_variables(tmp_path, monkeypatch):
+  saved = {name: getattr(jax.config, name) for name in ('jax_compilation_cache_dir',
+                                                         'jax_persistent_cache_min_compile_time_secs')}
+  try:
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path))
+    monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.25')
+    train.enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
+    monkeypatch.delenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')
+    train.enable_compilation_cache()
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0  # the default: train steps, not small ops
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+
+
 QA_DATASETS = {  # the released QA recipe's datasets -> annotation file and video directory under data/videochat2
     'caption_videochatgpt': ('video/conversation/videochatgpt/train_full_flat.json', 'ANet/ANet_320p_fps30'),
     'classification_k710': ('video/classification/k710/train.json', 'k710'),
