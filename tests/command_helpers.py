@@ -22,9 +22,18 @@ from absl import logging as absl_logging
 from stllm_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What the command sets for its process (with its log level and filter and its unraisable-exception hook), put back afterwards so
-# that the tests after it run as before.
 _JAX_SETTINGS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+
+
+@contextlib.contextmanager
+def jax_cache_settings_kept():
+  """The compilation cache's jax settings as they were before the block (the command sets its own)."""
+  settings = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
+  try:
+    yield
+  finally:
+    for name, value in settings.items():
+      jax.config.update(name, value)
 
 
 def _forget_flag_values() -> None:
@@ -43,9 +52,10 @@ class Finished:
 
 
 def run_train(*args: str) -> Finished:
-  """`python -m stllm_jax.train *args` from the repository root: its exit status and what it printed."""
+  """`python -m stllm_jax.train *args` from the repository root: its exit status and what it printed. What the
+  command sets for its process (the cache's jax settings, the log level and filter, the unraisable-exception hook)
+  is put back afterwards, so that the tests after it run as before."""
   argv = ['stllm_jax.train', *args]
-  settings = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
   saved_argv, saved_cwd, saved_hook = sys.argv, os.getcwd(), sys.unraisablehook
   saved_filters, saved_verbosity = list(logging.getLogger('absl').filters), absl_logging.get_verbosity()
   out, err = io.StringIO(), io.StringIO()
@@ -53,7 +63,7 @@ def run_train(*args: str) -> Finished:
   try:
     sys.argv = argv  # ml_collections reads the --config.X overrides from sys.argv
     os.chdir(ROOT)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with jax_cache_settings_kept(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
       train.main(train.parse_flags(argv))
   except SystemExit as exit_:
     returncode = exit_.code if isinstance(exit_.code, int) else 1
@@ -63,6 +73,4 @@ def run_train(*args: str) -> Finished:
     absl_logging.set_verbosity(saved_verbosity)
     os.chdir(saved_cwd)
     _forget_flag_values()
-    for name, value in settings.items():
-      jax.config.update(name, value)
   return Finished(returncode, out.getvalue(), err.getvalue())

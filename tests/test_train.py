@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jax_env
-from command_helpers import run_train
+from command_helpers import jax_cache_settings_kept, run_train
 
 from stllm_jax import checkpoints, configlib, train
 from stllm_jax.errors import UserError
@@ -81,9 +81,7 @@ def test_the_command_imports_neither_torch_nor_transformers(env):
 
 
 def test_the_compilation_cache_follows_its_environment_variables(tmp_path, monkeypatch):
-  saved = {name: getattr(jax.config, name) for name in ('jax_compilation_cache_dir',
-                                                         'jax_persistent_cache_min_compile_time_secs')}
-  try:
+  with jax_cache_settings_kept():
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path))
     monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.25')
     train.enable_compilation_cache()
@@ -92,9 +90,6 @@ def test_the_compilation_cache_follows_its_environment_variables(tmp_path, monke
     monkeypatch.delenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')
     train.enable_compilation_cache()
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0  # the default: train steps, not small ops
-  finally:
-    for name, value in saved.items():
-      jax.config.update(name, value)
 
 
 QA_DATASETS = {  # the released QA recipe's datasets -> annotation file and video directory under data/videochat2
