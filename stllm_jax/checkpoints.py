@@ -324,10 +324,15 @@ def checksums(tree: Any) -> dict[str, list[float]]:
 
   Stored with a run so that a resumed run can check it has the same frozen weights it started with.
   """
-  sums = jax.jit(lambda t: jax.tree_util.tree_map(
-      lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))]), t))(tree)
+  sums = _sums_and_squares(tree)
   return {jax.tree_util.keystr(path): [float(v) for v in np.asarray(value)]
           for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+@jax.jit
+def _sums_and_squares(tree: Any) -> Any:
+  as_f32 = lambda x: x.astype(jnp.float32)
+  return jax.tree_util.tree_map(lambda x: jnp.stack([jnp.sum(as_f32(x)), jnp.sum(jnp.square(as_f32(x)))]), tree)
 
 
 def checksum_mismatches(expected: dict[str, list[float]], actual: dict[str, list[float]],

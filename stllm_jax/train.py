@@ -534,8 +534,9 @@ def _count(tree: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _all_finite(tree: Any):
-  return jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(t)])))(tree)
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 class _StepRecord(NamedTuple):

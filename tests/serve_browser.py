@@ -127,11 +127,13 @@ def busy(driver: webdriver.Chrome, elem_id: str) -> bool:
 
 
 def settled_text(driver: webdriver.Chrome, elem_id: str, before: str) -> str | None:
-  """The element's new text, or None while it still shows `before` or Gradio's progress overlay."""
+  """The element's new text, or None while it still shows `before` or Gradio's progress overlay. The overlay is
+  looked for before and after the text is read: it may appear in between, and its progress line ('processing |
+  0.1/1.0s') is then part of the text."""
   if busy(driver, elem_id):
     return None
   text = text_of(driver, elem_id)
-  return None if text in ('', before) else text
+  return None if text in ('', before) or busy(driver, elem_id) else text
 
 
 def send_file(driver: webdriver.Chrome, path: str) -> None:

@@ -154,3 +154,22 @@ def test_new_parts_start_as_the_released_code_starts_them(tiny_config):
     assert np.abs(values).max() <= bound and abs(values.std() - bound / math.sqrt(3)) < 0.15 * bound
   assert not np.any(np.asarray(params['global_down']['bias']))
   assert not np.any(np.asarray(params['global_up']['kernel'])) and not np.any(np.asarray(params['global_up']['bias']))
+
+
+def test_abstract_variables_are_traced_once_per_config_and_each_call_may_edit_its_own(tiny_config):
+  traced = []
+  listener = lambda event, duration, **kwargs: traced.append(event) if event.endswith('jaxpr_trace_duration') else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    config = tiny_config().model
+    config.llm.num_layers += 1  # a config no other test has traced in this process
+    first = stllm.abstract_variables(config)
+    assert traced  # the model's init, traced under eval_shape
+    traced.clear()
+    second = stllm.abstract_variables(stllm.model_config(config))  # the same config as a dataclass
+    assert not traced
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert jax.tree_util.tree_structure(first) == jax.tree_util.tree_structure(second)
+  first['params'].pop('llm')
+  assert 'llm' in second['params'] and 'llm' in stllm.abstract_variables(config)['params']

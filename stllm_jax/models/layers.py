@@ -51,6 +51,12 @@ def as_dtype(name: str | Dtype) -> Dtype:
   return name
 
 
+def fresh_containers(boxed: Any) -> Any:
+  """The same leaves (boxed or not; both immutable) in new dicts and lists: a copy of a cached param tree that its
+  caller may edit."""
+  return jax.tree_util.tree_map(lambda leaf: leaf, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def param_init(init: Callable, axes: Sequence[str | None]) -> Callable:
   """An initializer whose parameter carries the logical axis names `axes`."""
   return nn.with_logical_partitioning(init, tuple(axes))

@@ -14,6 +14,7 @@ attention function then attend from the L new tokens to all S cache slots, and r
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax
 import flax.linen as nn
@@ -251,6 +252,12 @@ class Llama(nn.Module):
 
 
 def abstract_variables(config: LlamaConfig, dtype: Dtype = jnp.float32) -> dict:
-  """Shapes, dtypes and logical axes of every parameter of a stand-alone LLM (boxed), allocating nothing."""
+  """Shapes, dtypes and logical axes of every parameter of a stand-alone LLM (boxed), allocating nothing; traced
+  once per config and process, each call getting its own containers."""
+  return layers.fresh_containers(_abstract_variables(config, dtype))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(config: LlamaConfig, dtype: Dtype) -> dict:
   ids = jnp.zeros((1, 1), jnp.int32)
   return jax.eval_shape(lambda: Llama(config, dtype).init(jax.random.key(0), ids, ids + 1, method='forward_ids'))

@@ -289,9 +289,14 @@ def dummy_batch(config: Any, batch_size: int = 1, num_frames: int = 0, text_len:
 
 
 def abstract_variables(config: Any) -> Any:
-  """Shapes, dtypes and logical axes of every parameter (boxed), without allocating memory."""
-  return jax.eval_shape(functools.partial(STLLM(config).init, method='initialize'), jax.random.key(0),
-                        dummy_batch(config))
+  """Shapes, dtypes and logical axes of every parameter (boxed), without allocating memory. Traced once per model
+  config and process (tracing the 7B model's init takes seconds); each call gets its own containers."""
+  return layers.fresh_containers(_abstract_variables(model_config(config)))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(cfg: STLLMConfig) -> Any:
+  return jax.eval_shape(functools.partial(STLLM(cfg).init, method='initialize'), jax.random.key(0), dummy_batch(cfg))
 
 
 def init_params(config: Any, rng: jax.Array) -> Any:
