@@ -11,7 +11,6 @@ arrays are fingerprinted in place, across hosts), in one pass over memory: secon
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from typing import Any
@@ -57,19 +56,18 @@ def _digest(x: jax.Array) -> jax.Array:
   return jnp.stack([first, second])
 
 
-@functools.cache
-def _digest_tree_fn():
-  return jax.jit(lambda tree: jax.tree_util.tree_map(_digest, tree))
+# One program per leaf shape, dtype and sharding, shared by every tree of the process (params, train states, weights
+# being converted): a model's trees have few distinct leaves, and a program over a whole tree compiles anew for each.
+_digest_leaf = jax.jit(_digest)
 
 
 def digests(tree: Any) -> dict[str, list[int]]:
   """{path: [a, b]} for every leaf of `tree` (jax arrays where they live, numpy arrays one at a time)."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if all(isinstance(leaf, jax.Array) for _, leaf in flat):
-    values = jax.device_get(_digest_tree_fn()(tree))
-    flat_values = jax.tree_util.tree_leaves(values)
-  else:  # host arrays (a conversion): one leaf on the device at a time
-    flat_values = [jax.device_get(_digest_tree_fn()(leaf)) for _, leaf in flat]
+  # One leaf at a time: a host leaf (a conversion) is on the device alone, and a sharded leaf's program, which sums
+  # across devices, never waits on another's (on simulated CPU devices, hundreds of such programs in flight at once
+  # starve XLA's collective rendezvous).
+  flat_values = [jax.device_get(_digest_leaf(leaf)) for _, leaf in flat]
   return {path_name(path): [int(v) for v in np.asarray(value)] for (path, _), value in zip(flat, flat_values)}
 
 
