@@ -23,7 +23,7 @@ def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
                    log: Callable[[str], None] = lambda message: None) -> Any:
   """The params a run starts from, placed with `shardings`: random (seeded) or `config.init.checkpoint`
   (strictly: every stored leaf used, every model leaf filled, except fresh `config.init.new_params`)."""
-  fresh = _placed_programs(model_cfg, *_hashable(shardings)).init(jax.random.key(config.seed))
+  fresh = _placed_programs(model_cfg, sharding.cache_key(shardings)).init(jax.random.key(config.seed))
   path = config.init.checkpoint
   if not path:
     log(f'random initial weights (seed {config.seed})')
@@ -68,7 +68,7 @@ def _with_adapter_from_vit(params: Any, model_cfg: stllm.STLLMConfig, shardings:
   first = model_cfg.vision.depth - depth
   log(f'BT-Adapter started from ViT blocks {first}-{model_cfg.vision.depth - 1} (spatial layers), zero temporal '
       'output and CLS, N(0, 1) frame positions, as the released code starts it')
-  start = _placed_programs(model_cfg, *_hashable(shardings)).adapter_from_vit
+  start = _placed_programs(model_cfg, sharding.cache_key(shardings)).adapter_from_vit
   return start(params, jax.random.fold_in(jax.random.key(seed), 0x42544144))
 
 
@@ -77,16 +77,11 @@ class _PlacedPrograms(NamedTuple):
   adapter_from_vit: Callable  # (params, key) -> params with the BT-Adapter started from the ViT (params donated)
 
 
-def _hashable(shardings: Any) -> tuple[Any, tuple]:
-  leaves, treedef = jax.tree_util.tree_flatten(shardings)
-  return treedef, tuple(leaves)
-
-
 @functools.lru_cache(maxsize=8)
-def _placed_programs(model_cfg: stllm.STLLMConfig, shardings_def: Any, sharding_leaves: tuple) -> _PlacedPrograms:
+def _placed_programs(model_cfg: stllm.STLLMConfig, shardings_key: Any) -> _PlacedPrograms:
   """The jitted programs that make a model config's starting params on these shardings, built once per process (a
   second run of the same model in one process traces nothing again)."""
-  shardings = jax.tree_util.tree_unflatten(shardings_def, sharding_leaves)
+  shardings = sharding.from_cache_key(shardings_key)
   return _PlacedPrograms(
       init=jax.jit(functools.partial(stllm.init_params, model_cfg), out_shardings=shardings),
       adapter_from_vit=jax.jit(lambda p, key: bt_adapter.init_from_vit(p, model_cfg, key), out_shardings=shardings,

@@ -128,6 +128,16 @@ def _params(variables: Any) -> Any:
   return variables['params'] if isinstance(variables, Mapping) and 'params' in variables else variables
 
 
+def cache_key(shardings: Any) -> tuple[Any, tuple[NamedSharding, ...]]:
+  """A tree of shardings as something hashable (its structure and its leaves), to key a cache of jitted programs."""
+  leaves, treedef = jax.tree_util.tree_flatten(shardings)
+  return treedef, tuple(leaves)
+
+
+def from_cache_key(key: tuple[Any, tuple[NamedSharding, ...]]) -> Any:
+  return jax.tree_util.tree_unflatten(*key)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(('data', 'fsdp'), *([None] * (ndim - 1))))

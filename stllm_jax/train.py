@@ -164,26 +164,35 @@ def setup(config: Any, workdir: str) -> Run:
   log(f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}; '
       f'{total_steps} steps of {train_cfg.batch_size} samples ({train_cfg.grad_accum_steps} micro-batches)')
 
-  model = stllm.STLLM(model_cfg)
   shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), mesh)
   params = loading.initial_params(config, model_cfg, shardings, log)
   trainable, frozen = params_lib.split_params(params, train_cfg.frozen)
   del params
   log(f'trainable {_count(trainable):,d} params, frozen {_count(frozen):,d}')
-  schedule = step.make_schedule(train_cfg, total_steps)
-  tx = step.make_optimizer(train_cfg, schedule)
+  tx = step.make_optimizer(train_cfg, step.make_schedule(train_cfg, total_steps))
   state = step.init_state(trainable, tx, config.seed, params_lib.split_params(shardings, train_cfg.frozen)[0], mesh)
 
   run = checkpoints.RunCheckpoints(workdir, train_cfg.checkpoints_to_keep)
   frozen_sums = checkpoints.checksums(frozen)
   state = resume(run, state, data, frozen_sums, workdir, log)
-  # The state keeps its shardings from step to step, so each bucket compiles exactly once.
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  train_step = jax.jit(functools.partial(step.train_step, model=model, cfg=train_cfg, tx=tx, schedule=schedule),
-                       static_argnames='n_slots', donate_argnames='state', out_shardings=(state_shardings, None))
+  train_step = jitted_train_step(model_cfg, train_cfg, total_steps, sharding.cache_key(state_shardings))
   return Run(config=config, workdir=workdir, train_cfg=train_cfg, mesh=mesh, data=data, checkpoints=run,
              state=state, frozen=frozen, frozen_sums=frozen_sums, train_step=train_step,
              num_visual_tokens=model_cfg.num_visual_tokens, start=int(state.step), total_steps=total_steps, log=log)
+
+
+@functools.lru_cache(maxsize=4)
+def jitted_train_step(model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConfig, total_steps: int,
+                      state_shardings_key: Any) -> Callable:
+  """The train step of a run, jitted once per (model, training config, run length, state shardings) and process, so
+  that a second run of the same config in one process (a resume after a fault, a notebook, the tests) traces and
+  compiles nothing again. The state keeps its shardings from step to step: each bucket compiles exactly once."""
+  schedule = step.make_schedule(train_cfg, total_steps)
+  return jax.jit(functools.partial(step.train_step, model=stllm.STLLM(model_cfg), cfg=train_cfg,
+                                   tx=step.make_optimizer(train_cfg, schedule), schedule=schedule),
+                 static_argnames='n_slots', donate_argnames='state',
+                 out_shardings=(sharding.from_cache_key(state_shardings_key), None))
 
 
 def loop(run: Run) -> LoopEnd:

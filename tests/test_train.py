@@ -203,3 +203,17 @@ def test_initial_weights_load_strictly_and_new_parts_are_listed(tmp_path, tiny_c
   config.init.new_params = ()
   with pytest.raises(UserError, match=r'not in the checkpoint \(and not in init.new_params\): 4'):
     train.train(config, str(tmp_path / 'run2'))
+
+
+def test_a_second_run_of_the_same_config_reuses_the_jitted_step(tmp_path, tiny_config):
+  """A resume in the same process (or any second train() of the config) traces and compiles nothing again; another
+  run length (another learning-rate schedule) gets its own step."""
+  def jitted_step(workdir, steps):
+    config = tiny_config()
+    config.mesh, config.train.steps = 'fsdp=1', steps
+    run = train.setup(config, str(tmp_path / workdir))
+    run.close()
+    return run.train_step
+  first = jitted_step('a', 3)
+  assert jitted_step('b', 3) is first
+  assert jitted_step('c', 4) is not first
