@@ -169,7 +169,7 @@ def setup(config: Any, workdir: str) -> Run:
   trainable, frozen = params_lib.split_params(params, train_cfg.frozen)
   del params
   log(f'trainable {_count(trainable):,d} params, frozen {_count(frozen):,d}')
-  tx = step.make_optimizer(train_cfg, step.make_schedule(train_cfg, total_steps))
+  _, tx = schedule_and_optimizer(train_cfg, total_steps)
   state = step.init_state(trainable, tx, config.seed, params_lib.split_params(shardings, train_cfg.frozen)[0], mesh)
 
   run = checkpoints.RunCheckpoints(workdir, train_cfg.checkpoints_to_keep)
@@ -183,14 +183,22 @@ def setup(config: Any, workdir: str) -> Run:
 
 
 @functools.lru_cache(maxsize=4)
+def schedule_and_optimizer(train_cfg: step.TrainConfig, total_steps: int) -> tuple[Callable, Any]:
+  """The run's learning-rate schedule and optimizer: one pair per (training config, run length), shared by the
+  state's initialisation and the jitted step."""
+  schedule = step.make_schedule(train_cfg, total_steps)
+  return schedule, step.make_optimizer(train_cfg, schedule)
+
+
+@functools.lru_cache(maxsize=4)
 def jitted_train_step(model_cfg: stllm.STLLMConfig, train_cfg: step.TrainConfig, total_steps: int,
                       state_shardings_key: Any) -> Callable:
   """The train step of a run, jitted once per (model, training config, run length, state shardings) and process, so
   that a second run of the same config in one process (a resume after a fault, a notebook, the tests) traces and
   compiles nothing again. The state keeps its shardings from step to step: each bucket compiles exactly once."""
-  schedule = step.make_schedule(train_cfg, total_steps)
-  return jax.jit(functools.partial(step.train_step, model=stllm.STLLM(model_cfg), cfg=train_cfg,
-                                   tx=step.make_optimizer(train_cfg, schedule), schedule=schedule),
+  schedule, tx = schedule_and_optimizer(train_cfg, total_steps)
+  return jax.jit(functools.partial(step.train_step, model=stllm.STLLM(model_cfg), cfg=train_cfg, tx=tx,
+                                   schedule=schedule),
                  static_argnames='n_slots', donate_argnames='state',
                  out_shardings=(sharding.from_cache_key(state_shardings_key), None))
 
