@@ -107,6 +107,28 @@ def test_too_long_sequence_is_refused(rng):
     Llama(cfg).init(jax.random.key(0), ids, ids + 1, method='forward_ids')
 
 
+def primitive_count(jaxpr, name: str) -> int:
+  """How many equations of primitive `name` a jaxpr holds, sub-jaxprs (jit, remat, scan) included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    count += sum(primitive_count(sub, name) for sub in jax.core.jaxprs_in_params(eqn.params))
+  return count
+
+
+def test_rope_sin_and_cos_are_computed_once_per_forward_not_per_layer(rng):
+  """The angles' sin and cos are shared by every layer's queries and keys (3 layers here: 6 of each before)."""
+  ids, mask = ids_and_mask(rng)
+  cfg = llama.LlamaConfig(vocab_size=90, width=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                          max_positions=16, scan_layers=False)
+  model = Llama(cfg)
+  params = model.init(jax.random.key(0), ids, mask, method='forward_ids')['params']
+  loss = lambda p: jnp.mean(model.apply({'params': p}, ids, mask, method='forward_ids') ** 2)
+  for fn in (loss, jax.grad(loss)):
+    jaxpr = jax.make_jaxpr(fn)(params).jaxpr
+    assert (primitive_count(jaxpr, 'sin'), primitive_count(jaxpr, 'cos')) == (1, 1)
+
+
 def test_bad_head_counts_are_named():
   with pytest.raises(ValueError, match='num_heads=6 is not a multiple of llm.num_kv_heads=4'):
     llama.LlamaConfig(width=48, num_heads=6, num_kv_heads=4).validate()

@@ -74,16 +74,32 @@ class LlamaConfig:
       raise ValueError(f'{where}.lora_targets has {sorted(unknown)}; choose among {LORA_TARGETS}')
 
 
-def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
-  """Rotate-half RoPE, computed in float32. x [B, L, H, hd], positions int [B, L]."""
-  head_dim = x.shape[-1]
+@flax.struct.dataclass
+class RopeTables:
+  """cos and sin of every rotary angle, computed once per forward and shared by every layer's queries and keys.
+
+  `sin` carries the sign of rotate-half (its first half negated), so x rotated = x * cos + swap(x) * sin, where
+  swap exchanges the two halves of the head dim. A pytree: it passes through scanned layer stacks like an array.
+  """
+  cos: Array  # float32 [B, L, 1, hd]
+  sin: Array  # float32 [B, L, 1, hd], [-sin, sin] over the two halves
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> RopeTables:
+  """Rotate-half RoPE's tables for int positions [B, L], in float32."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [hd/2]
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, hd/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, hd]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return RopeTables(jnp.concatenate([cos, cos], axis=-1)[:, :, None, :],
+                    jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :])
+
+
+def rotary_embedding(x: Array, rope: RopeTables) -> Array:
+  """Rotate-half RoPE, computed in float32: x [B, L, H, hd] -> x * cos + [-x2, x1] * sin (halves x1, x2)."""
   x32 = x.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-second, first], axis=-1)
-  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+  swapped = jnp.concatenate([second, first], axis=-1)
+  return (x32 * rope.cos + swapped * rope.sin).astype(x.dtype)
 
 
 def causal_mask(attention_mask: Array, padding_last: bool) -> layers.AttentionMask:
@@ -127,7 +143,7 @@ class LlamaAttention(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: layers.AttentionMask, positions: Array, cache_index: Array | None = None,
+  def __call__(self, x: Array, mask: layers.AttentionMask, rope: RopeTables, cache_index: Array | None = None,
                layer_cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     """-> (output [B, L, D], this layer's updated (key, value) cache or None).
 
@@ -140,10 +156,9 @@ class LlamaAttention(nn.Module):
     project = lambda name, n_heads, axis: layers.dense(
         (n_heads, hd), ('embed', axis, 'head_dim'), use_bias=False, name=name, dtype=self.dtype,
         param_dtype=pdt, **cfg.lora(name), init_std=cfg.init_std)(x)
-    query = checkpoint_name(rotary_embedding(project('query', cfg.num_heads, 'heads'), positions, cfg.rope_theta),
+    query = checkpoint_name(rotary_embedding(project('query', cfg.num_heads, 'heads'), rope),
                             'query_proj')  # [B, L, H, hd]
-    key = checkpoint_name(rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), positions, cfg.rope_theta),
-                          'key_proj')  # [B, L, Hkv, hd]
+    key = checkpoint_name(rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), rope), 'key_proj')  # [B, L, Hkv, hd]
     value = checkpoint_name(project('value', cfg.num_kv_heads, 'kv_heads'), 'value_proj')  # [B, L, Hkv, hd]
     query = layers.constrain(query, ('activation_batch', 'activation_length', 'activation_heads', None))
     new_cache = None
@@ -178,13 +193,13 @@ class LlamaBlock(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: layers.AttentionMask, positions: Array, cache_index: Array | None = None,
+  def __call__(self, x: Array, mask: layers.AttentionMask, rope: RopeTables, cache_index: Array | None = None,
                layer_cache: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     cfg = self.config
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype,
                                        param_dtype=layers.as_dtype(cfg.param_dtype), name=name)
     attended, new_cache = LlamaAttention(cfg, self.dtype, self.attention_impl, name='attention')(
-        norm('attention_norm')(x), mask, positions, cache_index, layer_cache)
+        norm('attention_norm')(x), mask, rope, cache_index, layer_cache)
     x = x + attended
     x = x + LlamaMLP(cfg, self.dtype, name='mlp')(norm('mlp_norm')(x))
     return layers.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), new_cache
@@ -225,8 +240,8 @@ class Llama(nn.Module):
     if cache is not None:
       length = embeddings.shape[1]
       x = layers.constrain(embeddings.astype(self.dtype), ('activation_batch', 'activation_length', 'activation_embed'))
-      x, (key, value) = self.blocks(x, cached_causal_mask(attention_mask, cache.index, length), positions, cache.index,
-                                    per_layer=(cache.key, cache.value))
+      x, (key, value) = self.blocks(x, cached_causal_mask(attention_mask, cache.index, length), self.rope(positions),
+                                    cache.index, per_layer=(cache.key, cache.value))
       return self.final_norm(x), KVCache(key, value, cache.index + length)
     batch, length = attention_mask.shape
     if length > self.config.max_positions:
@@ -235,8 +250,11 @@ class Llama(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = layers.constrain(embeddings.astype(self.dtype), ('activation_batch', 'activation_length', 'activation_embed'))
-    x = self.blocks(x, causal_mask(attention_mask, padding_last), positions)
+    x = self.blocks(x, causal_mask(attention_mask, padding_last), self.rope(positions))
     return self.final_norm(x)
+
+  def rope(self, positions: Array) -> RopeTables:
+    return rope_tables(positions, self.config.attention_head_dim, self.config.rope_theta)
 
   def logits(self, hidden: Array) -> Array:
     """[B, L, D] -> float32 logits [B, L, vocab]."""
