@@ -1,5 +1,5 @@
-"""Shared building blocks: the dense layers' matmul with its chosen kernel-gradient layout (attention has
-its own file, test_attention.py)."""
+"""Shared building blocks: the dense layers' matmul with its chosen kernel-gradient layout, softmax with PyTorch's
+derivative, GELU (attention has its own file, test_attention.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +40,27 @@ def test_contract_trailing_keeps_bfloat16():
       x, kernel)
   assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
   np.testing.assert_array_equal(np.asarray(grads[1], np.float32), 6.0)  # every kernel entry sums 2 x 3 ones
+
+
+def test_softmax_has_jax_nn_values_and_the_softmax_derivative():
+  """The backward is y * (dy - sum(y * dy)): no division (autodiff of exp / sum has two per element)."""
+  logits = jax.random.normal(jax.random.key(0), (3, 5, 40)) * 6
+  logits = logits.at[0, 0, 10:].set(jnp.finfo(jnp.float32).min)  # a masked row, as attention masks them
+  np.testing.assert_array_equal(layers.softmax(logits), jax.nn.softmax(logits, axis=-1))
+  weights = jax.random.normal(jax.random.key(1), logits.shape)
+  loss = lambda softmax: lambda x: jnp.sum(softmax(x) * weights)
+  ours = jax.grad(loss(layers.softmax))(logits)
+  probs = jax.nn.softmax(logits, axis=-1)
+  assert relative_error(ours, probs * (weights - jnp.sum(probs * weights, axis=-1, keepdims=True))) < 1e-7
+  assert relative_error(ours, jax.grad(loss(jax.nn.softmax))(logits)) < 1e-6
+  divisions = lambda fn: str(jax.make_jaxpr(jax.grad(loss(fn)))(logits)).count(' div ')
+  assert divisions(layers.softmax) == 1 < divisions(jax.nn.softmax)  # the forward's one
+
+
+def test_gelu_is_jax_nns_exact_gelu_fenced_on_cpus():
+  x = jax.random.normal(jax.random.key(0), (4, 300)) * 4
+  np.testing.assert_array_equal(jax.jit(layers.gelu)(x), jax.jit(lambda x: jax.nn.gelu(x, approximate=False))(x))
+  assert jax.default_backend() == 'cpu'
+  assert 'optimization_barrier' in str(jax.make_jaxpr(layers.gelu)(x))
+  grad = jax.grad(lambda x: jnp.sum(layers.gelu(x)))(x)
+  assert relative_error(grad, jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=False)))(x)) < 1e-7

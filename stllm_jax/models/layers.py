@@ -197,6 +197,33 @@ def dense(features, axes: Sequence[str | None], *, name: str | None = None, dtyp
                lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, name=name)
 
 
+def gelu(x: Array) -> Array:
+  """Exact (erf) GELU, `jax.nn.gelu(x, approximate=False)`.
+
+  On CPUs its output is fenced with an optimization barrier: left alone, XLA:CPU fuses GELU's last product into
+  the next matmul and feeds that matmul the constant 0.5 as a materialised [tokens, mlp] array (the barrier
+  saves 2.5% of the bench_small train step: BENCHMARK.md, "Attention, RoPE and GELU on CPUs").
+  """
+  y = jax.nn.gelu(x, approximate=False)
+  return jax.lax.optimization_barrier(y) if jax.default_backend() == 'cpu' else y
+
+
+@jax.custom_jvp
+def softmax(logits: Array) -> Array:
+  """Softmax over the last axis, the values of `jax.nn.softmax`, with the derivative PyTorch's backward uses,
+  y * (dx - sum(y * dx)), instead of autodiff's through exp, sum and divide (what jax.nn.softmax gives unless
+  jax_softmax_custom_jvp is set): one reduction and no [.., S]-wide broadcast of 1 / sum^2 in the backward."""
+  unnormalised = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  return unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+  (logits,), (logits_dot,) = primals, tangents
+  probs = softmax(logits)
+  return probs, probs * (logits_dot - jnp.sum(probs * logits_dot, axis=-1, keepdims=True))
+
+
 class LayerNorm(nn.Module):
   """LayerNorm as torch computes it: float32, two passes (mean, then variance of the centred input).
 
@@ -241,6 +268,10 @@ class AttentionMask:
   key_lengths: Array | None = None  # int32 [B]: keys j < key_lengths[b] are real (padding only at the end)
   is_causal: bool = flax.struct.field(pytree_node=False, default=False)  # j <= i (T == S)
 
+  @property
+  def allows_all(self) -> bool:
+    return self.mask is None and self.key_mask is None and self.key_lengths is None and not self.is_causal
+
   def dense(self, query_len: int, key_len: int) -> Array:
     """Every form as one bool mask, broadcastable to [B, H, T, S]."""
     allowed = jnp.ones((1, 1, query_len, key_len), bool) if self.mask is None else self.mask.astype(bool)
@@ -260,20 +291,25 @@ def _keys(key_mask: Array) -> Array:
 
 def attention(query: Array, key: Array, value: Array, mask: AttentionMask | None, implementation: str | None,
               dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
-  """Softmax attention with logits and softmax in float32, through `jax.nn.dot_product_attention`.
+  """Softmax attention with logits and softmax in float32.
 
   query [B, T, H, hd]; key, value [B, S, Hkv, hd] with H a multiple of Hkv (grouped-query); `mask` None = every
-  key. Returns [B, T, H, hd]. `implementation`: None (JAX's choice: XLA today), 'xla', or 'cudnn' (cuDNN flash
-  attention: NVIDIA GPUs, bfloat16 / float16, the head dims `cudnn_problem` accepts; `cudnn_arguments` gives
-  it the mask in the forms it takes). `dropout_rate` > 0 (training only, with `dropout_rng`) drops attention
-  probabilities as BERT does; no fused kernel has dropout, so that case is computed by `explicit_attention`
-  (same float32 logits and softmax).
+  key. Returns [B, T, H, hd]. `implementation`: None (the backend's best: 'explicit' on CPUs, JAX's choice
+  elsewhere), 'explicit' (`explicit_attention`, every step written out), or `jax.nn.dot_product_attention`'s
+  'xla' or 'cudnn' (cuDNN flash attention: NVIDIA GPUs, bfloat16 / float16, the head dims `cudnn_problem`
+  accepts; `cudnn_arguments` gives it the mask in the forms it takes). On XLA:CPU the explicit form trains
+  faster than jax.nn's (BENCHMARK.md, "Attention on CPUs"). `dropout_rate` > 0 (training only, with
+  `dropout_rng`) drops attention probabilities as BERT does; no fused kernel has dropout, so that case is
+  computed by `explicit_attention` too (same float32 logits and softmax).
   """
   mask = AttentionMask() if mask is None else mask
-  if dropout_rate > 0.0:
-    if dropout_rng is None:
-      raise ValueError(f'attention dropout {dropout_rate} needs a dropout rng')
-    return explicit_attention(query, key, value, mask.dense(query.shape[1], key.shape[1]), dropout_rate, dropout_rng)
+  if dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError(f'attention dropout {dropout_rate} needs a dropout rng')
+  if implementation is None and jax.default_backend() == 'cpu':
+    implementation = 'explicit'
+  if implementation == 'explicit' or dropout_rate > 0.0:
+    allowed = None if mask.allows_all else mask.dense(query.shape[1], key.shape[1])
+    return explicit_attention(query, key, value, allowed, dropout_rate, dropout_rng)
   if implementation == 'cudnn':
     check_cudnn(query)
     key, value, dense, key_lengths = cudnn_arguments(query.shape[1], key, value, mask)
@@ -336,11 +372,11 @@ def explicit_attention(query: Array, key: Array, value: Array, allowed: Array | 
   `allowed`: bool broadcastable to [B, H, T, S] or None."""
   groups = query.shape[2] // key.shape[2]
   key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)  # [B, S, H, hd]
-  scale = query.shape[-1] ** -0.5
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query.astype(jnp.float32), key.astype(jnp.float32)) * scale
+  query = query.astype(jnp.float32) * query.shape[-1] ** -0.5  # scaled before the product: [B, T, H, hd], not [B, H, T, S]
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key.astype(jnp.float32))
   if allowed is not None:
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)  # [B, H, T, S]
+  probs = softmax(logits)  # [B, H, T, S]
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)

@@ -43,7 +43,7 @@ from stllm_jax.models.llama import Llama, LlamaConfig
 from stllm_jax.models.qformer import QFormer, QFormerConfig
 
 VIDEO_INPUTS = ('all', 'mean', 'global_local')
-ATTENTION_IMPLS = {'auto': None, 'xla': 'xla', 'cudnn': 'cudnn'}
+ATTENTION_IMPLS = {'auto': None, 'explicit': 'explicit', 'xla': 'xla', 'cudnn': 'cudnn'}
 BATCH_KEYS = ('frames', 'qformer_input_ids', 'qformer_attention_mask', 'input_ids', 'attention_mask')
 
 
@@ -60,7 +60,7 @@ class STLLMConfig:
   mvm_head: bool = False  # the masked-video-modelling head (Linear D->D, LayerNorm), used in training only
   mvm_norm_eps: float = 1e-5
   dtype: str = 'float32'  # compute dtype of every tower; 'bfloat16' on accelerators
-  attention_impl: str = 'auto'  # 'auto' | 'xla' | 'cudnn' (jax.nn.dot_product_attention)
+  attention_impl: str = 'auto'  # 'auto' | 'explicit' | 'xla' | 'cudnn' (layers.attention)
 
   def validate(self) -> None:
     self.vision.validate('model.vision')
