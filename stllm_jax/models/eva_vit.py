@@ -152,7 +152,7 @@ class VisionBlock(nn.Module):
 
   def mlp(self, x: Array) -> Array:  # [N, P, D] -> [N, P, D]
     h = self.fc1(self.norm2(x))
-    h = layers.gelu(layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp')))
+    h = nn.gelu(layers.constrain(h, ('activation_batch', 'activation_length', 'activation_mlp')), approximate=False)
     return self.fc2(h)
 
   def __call__(self, x: Array) -> tuple[Array, None]:

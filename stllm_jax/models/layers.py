@@ -197,17 +197,6 @@ def dense(features, axes: Sequence[str | None], *, name: str | None = None, dtyp
                lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, name=name)
 
 
-def gelu(x: Array) -> Array:
-  """Exact (erf) GELU, `jax.nn.gelu(x, approximate=False)`.
-
-  On CPUs its output is fenced with an optimization barrier: left alone, XLA:CPU fuses GELU's last product into
-  the next matmul and feeds that matmul the constant 0.5 as a materialised [tokens, mlp] array (the barrier
-  saves 2.5% of the bench_small train step: BENCHMARK.md, "Attention, RoPE and GELU on CPUs").
-  """
-  y = jax.nn.gelu(x, approximate=False)
-  return jax.lax.optimization_barrier(y) if jax.default_backend() == 'cpu' else y
-
-
 @jax.custom_jvp
 def softmax(logits: Array) -> Array:
   """Softmax over the last axis, the values of `jax.nn.softmax`, with the derivative PyTorch's backward uses,

@@ -87,7 +87,7 @@ class BertFeedForward(nn.Module):
     pdt = layers.as_dtype(cfg.param_dtype)
     dense = lambda features, axes, name: layers.dense(features, axes, name=name, dtype=self.dtype, param_dtype=pdt,
                                                       init_std=cfg.init_std)
-    h = layers.gelu(dense(cfg.mlp_dim, ('embed', 'mlp'), 'fc1')(x))
+    h = nn.gelu(dense(cfg.mlp_dim, ('embed', 'mlp'), 'fc1')(x), approximate=False)
     out = nn.Dropout(cfg.dropout)(dense(cfg.width, ('mlp', 'embed'), 'fc2')(h), deterministic)
     return layers.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=pdt, name='norm')(x + out)
 
