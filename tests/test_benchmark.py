@@ -132,6 +132,17 @@ def test_flops_match_a_hand_count():
   assert got['total'] == expected
 
 
+@pytest.mark.parametrize('mask', ['none', 'causal', 'padding'])
+def test_attention_times_each_implementation_that_runs_here(tmp_path, mask, capsys):
+  result = run(tmp_path, 'attention', '--shape', '2,10,2,8', '--mask', mask, '--rounds', '2')
+  timings = result['forward_backward']
+  assert set(timings) == {'explicit', 'xla'} and result['fastest'] in timings  # no cuDNN on a CPU
+  assert all(t['n'] == 2 and t['median_s'] > 0 for t in timings.values())
+  assert result['flops_per_call'] == 12 * 2 * 2 * 10 * 10 * 8
+  table = capsys.readouterr().out
+  assert '| explicit |' in table and '| xla |' in table and f'mask {mask}' in table
+
+
 @pytest.mark.parametrize('argv, message', [
     (['bogus'], "unknown subcommand 'bogus'"),
     ([], 'unknown subcommand'),
@@ -141,6 +152,8 @@ def test_flops_match_a_hand_count():
                                                            'dots_with_no_batch_dims, save_qkv_proj, minimal (or all)'),
     (['train', '--config', TINY, '--steps', '1'], 'give at least 2'),
     (['train', '--config', TINY, '--config.train.nope=1'], 'no field'),
+    (['attention', '--shape', '8,192,8'], "--shape '8,192,8': give batch,tokens,heads,head_dim"),
+    (['attention', '--rounds', '0'], '--rounds 0: give at least 1'),
 ])
 def test_errors_are_one_line(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:

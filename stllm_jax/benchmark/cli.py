@@ -1,5 +1,6 @@
 """Command line of the benchmark: `python -m stllm_jax.benchmark {train,generate,plan} --config configs/X.py ...`,
-and `python -m stllm_jax.benchmark gpu-report --out DIR [--smoke]` (no config: see gpu_report.py).
+`python -m stllm_jax.benchmark gpu-report --out DIR [--smoke]` (no config: see gpu_report.py) and
+`python -m stllm_jax.benchmark attention [--shape B,T,H,hd --mask causal]` (no config: attention_bench.py).
 
 Every command prints a markdown table and writes its JSON (`--out`, default runs/benchmark/<command>-<config>-<time>.json;
 gpu-report: DIR/gpu_report.json and DIR/gpu_report.md). Config fields can be overridden as in training:
@@ -18,13 +19,13 @@ from typing import Any
 
 from stllm_jax.errors import UserError, exit_with
 
-COMMANDS = ('train', 'generate', 'plan', 'gpu-report')
+COMMANDS = ('train', 'generate', 'plan', 'gpu-report', 'attention')
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(prog='python -m stllm_jax.benchmark', description=__doc__.split('\n\n')[0])
-  sub = parser.add_subparsers(dest='command', metavar='{train,generate,plan,gpu-report}')
+  sub = parser.add_subparsers(dest='command', metavar='{train,generate,plan,gpu-report,attention}')
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument('--config', required=True, help='config file, e.g. configs/bench_small.py')
   common.add_argument('--out', default='', help='JSON result file (default under runs/benchmark/)')
@@ -57,6 +58,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   gpu.add_argument('--smoke', action='store_true', help='tiny shapes (runs on CPU in about a minute)')
   gpu.add_argument('--deadline-s', type=float, default=420.0,
                    help='parts that would end after this many seconds are skipped (default 420)')
+  attention = sub.add_parser('attention', help='attention implementations side by side, forward + backward')
+  attention.add_argument('--shape', default='8,192,8,64', help='batch,tokens,heads,head_dim (default: bench_small\'s LLM)')
+  attention.add_argument('--mask', choices=('none', 'causal', 'padding'), default='causal',
+                         help='causal: + key lengths, as the LLM trains; padding: key padding, as the Q-Former')
+  attention.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default='float32')
+  attention.add_argument('--rounds', type=int, default=7, help='alternating rounds (default 7)')
+  attention.add_argument('--out', default='', help='JSON result file (default under runs/benchmark/)')
   if not argv or argv[0] not in COMMANDS + ('-h', '--help'):
     raise UserError(f'unknown subcommand {argv[0] if argv else "(none)"!r}: use one of {", ".join(COMMANDS)}, '
                     f'e.g. python -m stllm_jax.benchmark train --config configs/bench_small.py')
@@ -282,12 +290,26 @@ def run_gpu_report(args: argparse.Namespace, argv: list[str]) -> dict:
   return result
 
 
+def run_attention(args: argparse.Namespace, argv: list[str]) -> dict:
+  from stllm_jax.benchmark import attention_bench, report  # pylint: disable=g-import-not-at-top
+  result = attention_bench.run(attention_bench.parse_shape(args.shape), args.mask, args.dtype, args.rounds,
+                               min_round_s=0.25)
+  result['argv'] = ['python', '-m', 'stllm_jax.benchmark', *argv]
+  path = args.out or os.path.join('runs', 'benchmark', f'attention-{time.strftime("%Y%m%d-%H%M%S")}.json')
+  report.write_json(result, path)
+  print(attention_bench.table(result))
+  print(f'\nwritten: {path}')
+  return result
+
+
 def main(argv: list[str] | None = None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args, overrides = parse_args(argv)
     if args.command == 'gpu-report':
       return run_gpu_report(args, argv)
+    if args.command == 'attention':
+      return run_attention(args, argv)
     if args.command == 'plan':
       reexec_with_devices(mesh_device_count(args.mesh), argv)
     config = load_config(args.config, overrides)

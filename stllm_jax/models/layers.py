@@ -287,9 +287,9 @@ def attention(query: Array, key: Array, value: Array, mask: AttentionMask | None
   elsewhere), 'explicit' (`explicit_attention`, every step written out), or `jax.nn.dot_product_attention`'s
   'xla' or 'cudnn' (cuDNN flash attention: NVIDIA GPUs, bfloat16 / float16, the head dims `cudnn_problem`
   accepts; `cudnn_arguments` gives it the mask in the forms it takes). On XLA:CPU the explicit form trains
-  faster than jax.nn's (BENCHMARK.md, "Attention on CPUs"). `dropout_rate` > 0 (training only, with
-  `dropout_rng`) drops attention probabilities as BERT does; no fused kernel has dropout, so that case is
-  computed by `explicit_attention` too (same float32 logits and softmax).
+  faster than jax.nn's (`python -m stllm_jax.benchmark attention`; BENCHMARK.md, "Attention and RoPE on CPUs").
+  `dropout_rate` > 0 (training only, with `dropout_rng`) drops attention probabilities as BERT does; no fused
+  kernel has dropout, so that case is computed by `explicit_attention` too (same float32 logits and softmax).
   """
   mask = AttentionMask() if mask is None else mask
   if dropout_rate > 0.0 and dropout_rng is None:
