@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-
 from stllm_jax.errors import UserError
 
 MASKS = ('none', 'causal', 'padding')  # nothing; causal + key lengths (LLM training); key padding (Q-Former)

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from stllm_jax.benchmark import attention_bench
 from stllm_jax.errors import UserError, exit_with
 
 COMMANDS = ('train', 'generate', 'plan', 'gpu-report', 'attention')
@@ -60,7 +61,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help='parts that would end after this many seconds are skipped (default 420)')
   attention = sub.add_parser('attention', help='attention implementations side by side, forward + backward')
   attention.add_argument('--shape', default='8,192,8,64', help='batch,tokens,heads,head_dim (default: bench_small\'s LLM)')
-  attention.add_argument('--mask', choices=('none', 'causal', 'padding'), default='causal',
+  attention.add_argument('--mask', choices=attention_bench.MASKS, default='causal',
                          help='causal: + key lengths, as the LLM trains; padding: key padding, as the Q-Former')
   attention.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default='float32')
   attention.add_argument('--rounds', type=int, default=7, help='alternating rounds (default 7)')
@@ -291,7 +292,7 @@ def run_gpu_report(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def run_attention(args: argparse.Namespace, argv: list[str]) -> dict:
-  from stllm_jax.benchmark import attention_bench, report  # pylint: disable=g-import-not-at-top
+  from stllm_jax.benchmark import report  # pylint: disable=g-import-not-at-top
   result = attention_bench.run(attention_bench.parse_shape(args.shape), args.mask, args.dtype, args.rounds,
                                min_round_s=0.25)
   result['argv'] = ['python', '-m', 'stllm_jax.benchmark', *argv]
