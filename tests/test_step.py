@@ -164,7 +164,8 @@ def test_lora_trains_adapters_only_and_starts_as_the_base_model(tiny_config, tin
   batch = {k: v for k, v in next(RandomBatches(config.data, cfg, 2)).items() if k in stllm.BATCH_KEYS}
   base_logits = jax.jit(lambda p, b: STLLM(tiny_config().model).apply({'params': p}, b))(base, batch)
   lora_logits = jax.jit(lambda p, b: STLLM(cfg).apply({'params': p}, b))(with_lora, batch)
-  np.testing.assert_array_equal(np.asarray(lora_logits), np.asarray(base_logits))
+  # Equal up to float rounding: the two programs fuse differently (the update x.A.B is exactly 0).
+  assert relative_error(lora_logits, base_logits) < 1e-6
 
   _, _, state, frozen, fn, data = setup(config, with_lora)
   trainable_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
