@@ -60,7 +60,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   gpu.add_argument('--deadline-s', type=float, default=420.0,
                    help='parts that would end after this many seconds are skipped (default 420)')
   attention = sub.add_parser('attention', help='attention implementations side by side, forward + backward')
-  attention.add_argument('--shape', default='8,192,8,64', help='batch,tokens,heads,head_dim (default: bench_small\'s LLM)')
+  attention.add_argument('--shape', default='8,192,8,64',
+                         help='batch,tokens,heads,head_dim (default: bench_small\'s LLM)')
   attention.add_argument('--mask', choices=attention_bench.MASKS, default='causal',
                          help='causal: + key lengths, as the LLM trains; padding: key padding, as the Q-Former')
   attention.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default='float32')

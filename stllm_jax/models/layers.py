@@ -361,7 +361,8 @@ def explicit_attention(query: Array, key: Array, value: Array, allowed: Array | 
   `allowed`: bool broadcastable to [B, H, T, S] or None."""
   groups = query.shape[2] // key.shape[2]
   key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)  # [B, S, H, hd]
-  query = query.astype(jnp.float32) * query.shape[-1] ** -0.5  # scaled before the product: [B, T, H, hd], not [B, H, T, S]
+  # scaled before the product: [B, T, H, hd] elements, not [B, H, T, S]
+  query = query.astype(jnp.float32) * query.shape[-1] ** -0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key.astype(jnp.float32))
   if allowed is not None:
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)

@@ -158,7 +158,8 @@ class LlamaAttention(nn.Module):
         param_dtype=pdt, **cfg.lora(name), init_std=cfg.init_std)(x)
     query = checkpoint_name(rotary_embedding(project('query', cfg.num_heads, 'heads'), rope),
                             'query_proj')  # [B, L, H, hd]
-    key = checkpoint_name(rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), rope), 'key_proj')  # [B, L, Hkv, hd]
+    key = checkpoint_name(rotary_embedding(project('key', cfg.num_kv_heads, 'kv_heads'), rope),
+                          'key_proj')  # [B, L, Hkv, hd]
     value = checkpoint_name(project('value', cfg.num_kv_heads, 'kv_heads'), 'value_proj')  # [B, L, Hkv, hd]
     query = layers.constrain(query, ('activation_batch', 'activation_length', 'activation_heads', None))
     new_cache = None
