@@ -29,22 +29,26 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def attention_mask(kind: str, batch: int, tokens: int) -> Any:
+  """The mask a tower builds for `kind`, over rows whose last eighth is padding."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from stllm_jax.models import llama  # pylint: disable=g-import-not-at-top
   from stllm_jax.models.layers import AttentionMask  # pylint: disable=g-import-not-at-top
   if kind == 'none':
     return None
-  real = tokens - tokens // 8  # the last eighth of every row is padding
+  real = jnp.broadcast_to(jnp.arange(tokens) < tokens - tokens // 8, (batch, tokens)).astype(jnp.int32)  # [B, T]
   if kind == 'causal':
-    return AttentionMask(key_lengths=jnp.full((batch,), real, jnp.int32), is_causal=True)
-  return AttentionMask(key_mask=(jnp.arange(tokens)[None, :] < real).astype(jnp.int32).repeat(batch, 0))
+    return llama.causal_mask(real, padding_last=True)  # as the LLM trains: causal + key lengths
+  return AttentionMask(key_mask=real)  # as the Q-Former's text padding
 
 
-def implementations(dtype: str) -> list[str]:
-  import jax  # pylint: disable=g-import-not-at-top
-  names = ['explicit', 'xla']
-  if jax.default_backend() == 'gpu' and dtype in ('bfloat16', 'float16'):
-    names.append('cudnn')
-  return names
+def implementations(query: Any) -> list[str]:
+  """'explicit' and 'xla', and 'cudnn' where `layers.check_cudnn` accepts `query` on this machine."""
+  from stllm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  try:
+    layers.check_cudnn(query)
+  except ValueError:
+    return ['explicit', 'xla']
+  return ['explicit', 'xla', 'cudnn']
 
 
 def run(shape: tuple[int, int, int, int], mask: str, dtype: str, rounds: int, min_round_s: float) -> dict:
@@ -59,7 +63,7 @@ def run(shape: tuple[int, int, int, int], mask: str, dtype: str, rounds: int, mi
   query, key, value = (jax.random.normal(k, shape, layers.as_dtype(dtype)) for k in keys)
   attention_mask_ = attention_mask(mask, batch, tokens)
   steps = {}
-  for name in implementations(dtype):
+  for name in implementations(query):
     loss = lambda q, k, v, name=name: jnp.sum(jnp.tanh(layers.attention(q, k, v, attention_mask_, name)
                                                        .astype(jnp.float32)))
     steps[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
