@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from stllm_jax import checkpoints, loading, masking, sharding, step
+from stllm_jax import checkpoints, host_memory, loading, masking, sharding, step
 from stllm_jax import params as params_lib
 from stllm_jax.data import pipeline
 from stllm_jax.data.errors import DataError
@@ -58,11 +58,12 @@ def train_command(config: Any, workdir: str) -> dict:
 
 def command(run: Callable[[Any, str], Any]) -> None:
   """What `train` and the demo (`python -m stllm_jax.demo`) share: quiet logs, the compilation cache, the config
-  flag, `--distributed`, the workdir (default runs/<config name>); then `run(config, workdir)`. A mistake the user
-  can fix ends in one line."""
+  flag, `--distributed`, freed host memory kept for reuse on CPUs (`host_memory`), the workdir (default
+  runs/<config name>); then `run(config, workdir)`. A mistake the user can fix ends in one line."""
   logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
   quiet_background_write_failures()
   enable_compilation_cache()
+  host_memory.keep_freed_memory()  # before JAX starts its backends
   try:
     config = load_config_flag()
     if FLAGS.distributed:

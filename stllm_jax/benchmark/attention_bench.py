@@ -92,8 +92,7 @@ def table(result: dict) -> str:
   from stllm_jax.benchmark import devices, report  # pylint: disable=g-import-not-at-top
   b, t, h, d = result['shape']
   device = result['device']
-  where = f"{device['platform']} x{device['device_count']} ({device['host_cpu']}, {device['host_cores']} cores, " \
-          f"{devices.describe_isa(device['cpu_isa'])})"
+  where = f"{device['platform']} x{device['device_count']} ({devices.describe_host(device)})"
   best = result['forward_backward'][result['fastest']]['median_s']
   rows = []
   for name, spread in result['forward_backward'].items():

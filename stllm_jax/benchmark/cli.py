@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from stllm_jax import host_memory
 from stllm_jax.benchmark import attention_bench
 from stllm_jax.errors import UserError, exit_with
 
@@ -308,12 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args, overrides = parse_args(argv)
+    host_memory.keep_freed_memory()  # before JAX starts; for JAX and PyTorch alike (one process)
+    if args.command == 'plan':
+      reexec_with_devices(mesh_device_count(args.mesh), argv)
     if args.command == 'gpu-report':
       return run_gpu_report(args, argv)
     if args.command == 'attention':
       return run_attention(args, argv)
-    if args.command == 'plan':
-      reexec_with_devices(mesh_device_count(args.mesh), argv)
     config = load_config(args.config, overrides)
     if args.command == 'train':
       if args.steps < 2:

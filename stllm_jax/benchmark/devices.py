@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from stllm_jax import host_memory
+
 # bf16 dense peaks in TFLOP/s (vendor data sheets, no sparsity); matched in order on device_kind.
 PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
     (('H100', 'PCIE'), 756.0),
@@ -63,6 +65,7 @@ def describe() -> dict[str, Any]:
   device = jax.devices()[0]
   return {'platform': device.platform, 'device_kind': device.device_kind, 'device_count': jax.device_count(),
           'host_cpu': cpu_model_name(), 'host_cores': len(os.sched_getaffinity(0)), 'cpu_isa': cpu_isa(),
+          'host_malloc': host_memory.describe(),
           'peak_bf16_tflops': peak_tflops(device.device_kind),
           'hbm_bandwidth_gbps': hbm_bandwidth_gbps(device.device_kind)}
 
@@ -106,6 +109,12 @@ def cpu_isa() -> dict[str, str]:
     capability = torch.backends.cpu.get_cpu_capability()
     isa['torch'] = _TORCH_ISA_NAMES.get(capability, capability)
   return isa
+
+
+def describe_host(device: dict[str, Any]) -> str:
+  """The host part of a report's device line: 'AMD EPYC, 2 cores, AVX-512, freed memory kept'."""
+  malloc = ', freed memory kept' if device.get('host_malloc') == 'kept' else ''
+  return f"{device['host_cpu']}, {device['host_cores']} cores, {describe_isa(device['cpu_isa'])}{malloc}"
 
 
 def describe_isa(isa: dict[str, str]) -> str:

@@ -115,8 +115,7 @@ def run(config: Any, *, frames: int, new_tokens: int, batch: int, prompt_len: in
 
 
 def table(result: dict[str, Any]) -> str:
-  rows = [('device', f"{result['device']['device_kind']} ({result['device']['host_cpu']}, "
-                     f"{result['device']['host_cores']} cores, {devices.describe_isa(result['device']['cpu_isa'])})"),
+  rows = [('device', f"{result['device']['device_kind']} ({devices.describe_host(result['device'])})"),
           ('setup', ', '.join(f'{k}={v}' for k, v in result['setup'].items() if v is not None))]
   for name in ('jax', 'torch'):
     if name in result:

@@ -250,8 +250,7 @@ def table(result: dict[str, Any]) -> str:
   analysis = cost.get('memory_analysis') or {}
   rows = [
       ('device', f"{result['device']['device_kind']} x{result['device']['device_count']} "
-                 f"({result['device']['host_cpu']}, {result['device']['host_cores']} cores, "
-                 f"{devices.describe_isa(result['device']['cpu_isa'])})"),
+                 f"({devices.describe_host(result['device'])})"),
       ('setup', ', '.join(f'{k}={v}' for k, v in result['setup'].items() if v is not None)),
       ('compile time (sum over new shapes)', report.ms(result['compile_s'])),
       ('compiled train-step programs (bucket combinations)',
