@@ -3,7 +3,7 @@
 XLA:CPU allocates each execution's temporaries and outputs afresh and frees them when it ends (bench_small's train
 step: 410 MiB of temporaries). glibc's malloc serves blocks that large with mmap and gives them back with munmap,
 so every step writes to pages the kernel has to map and zero again: one page fault per 4 KiB page, 105,800 per
-bench_small step, 10-20% of the step on a 2-core AMD EPYC (BENCHMARK.md). With one malloc arena, no mmap and
+bench_small step, 13% of the step on a 2-core AMD EPYC (BENCHMARK.md). With one malloc arena, no mmap and
 the top of the heap trimmed only beyond 2 GiB, freed blocks stay in the heap and the next execution reuses them.
 
 The price: the process keeps its peak heap (as a caching allocator does), so the command-line entry points
@@ -62,5 +62,3 @@ def uses_glibc() -> bool:
 def describe() -> str:
   """What benchmarks report: 'kept' when keep_freed_memory applied in this process, else 'system'."""
   return 'kept' if _applied else 'system'
-
-

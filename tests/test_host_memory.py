@@ -41,7 +41,7 @@ def faults_per_call(**env) -> dict:
 
 
 @needs_glibc
-def test_freed_output_is_reused_without_page_faults():
+def test_freed_temporary_is_reused_without_page_faults():
   kept = faults_per_call(STLLM_JAX_SYSTEM_MALLOC='')
   assert kept['applied'] and kept['described'] == 'kept'
   assert kept['faults'] < 0.25 * PAGES, kept  # measured: 0-1,640 (16,386 with glibc's defaults)
