@@ -22,15 +22,17 @@ from stllm_jax.models import bt_adapter, stllm
 def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
                    log: Callable[[str], None] = lambda message: None) -> Any:
   """The params a run starts from, placed with `shardings`: random (seeded) or `config.init.checkpoint`
-  (strictly: every stored leaf used, every model leaf filled, except fresh `config.init.new_params`)."""
-  fresh = _placed_programs(model_cfg, sharding.cache_key(shardings)).init(jax.random.key(config.seed))
+  (strictly: every stored leaf used, every model leaf filled, except fresh `config.init.new_params`). From a
+  checkpoint only the leaves it lacks are initialised: a 7B model's random LLM is never made just to be replaced."""
+  programs = _placed_programs(model_cfg, sharding.cache_key(shardings))
+  key = jax.random.key(config.seed)
   path = config.init.checkpoint
   if not path:
     log(f'random initial weights (seed {config.seed})')
-    return _with_adapter_from_vit(fresh, model_cfg, shardings, config.seed, log)
+    return _with_adapter_from_vit(programs.init(key), model_cfg, shardings, config.seed, log)
   stored = checkpoints.stored_param_shapes(path)
-  flat_fresh = params_lib.flat(fresh)
-  expected = {k: tuple(v.shape) for k, v in flat_fresh.items()}
+  flat_abstract = params_lib.flat(flax.linen.meta.unbox(stllm.abstract_variables(model_cfg))['params'])
+  expected = {k: tuple(v.shape) for k, v in flat_abstract.items()}
   unknown = sorted(set(stored) - set(expected))
   misshaped = sorted(f'{k} {list(stored[k])} vs model {list(expected[k])}'
                      for k in set(stored) & set(expected) if stored[k] != expected[k])
@@ -45,14 +47,25 @@ def initial_params(config: Any, model_cfg: stllm.STLLMConfig, shardings: Any,
     raise UserError('\n'.join(lines))
   flat_shardings = params_lib.flat(shardings)
   target = params_lib.nested(
-      {k: jax.ShapeDtypeStruct(flat_fresh[k].shape, flat_fresh[k].dtype, sharding=flat_shardings[k]) for k in stored})
+      {k: jax.ShapeDtypeStruct(flat_abstract[k].shape, flat_abstract[k].dtype, sharding=flat_shardings[k])
+       for k in stored})
   loaded = params_lib.flat(checkpoints.load_weights(path, target))
   log(f'initial weights from {path}' + (f'; newly initialised: {", ".join(sorted({k.split("/")[0] for k in absent}))}'
                                         if absent else ''))
-  params = params_lib.nested({k: loaded.get(k, v) for k, v in flat_fresh.items()})
+  fresh = _fresh_leaves(model_cfg, sharding.cache_key(shardings), tuple(absent))(key) if absent else {}
+  params = params_lib.nested({**loaded, **fresh})
   if any(k.startswith(f'{ADAPTER}/') for k in stored):
     return params
   return _with_adapter_from_vit(params, model_cfg, shardings, config.seed, log)
+
+
+@functools.lru_cache(maxsize=8)
+def _fresh_leaves(model_cfg: stllm.STLLMConfig, shardings_key: Any, names: tuple[str, ...]) -> Callable:
+  """key -> {name: leaf} of the seeded initialisation, only the leaves named: the same values as the whole
+  model's init (each leaf's random stream depends on its path alone), and XLA computes nothing else."""
+  flat_shardings = params_lib.flat(sharding.from_cache_key(shardings_key))
+  return jax.jit(lambda key: {k: params_lib.flat(stllm.init_params(model_cfg, key))[k] for k in names},
+                 out_shardings={k: flat_shardings[k] for k in names})
 
 
 ADAPTER = 'bt_adapter'

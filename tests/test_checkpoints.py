@@ -87,3 +87,29 @@ def test_a_bt_adapter_starts_from_the_vits_last_blocks_when_the_weights_lack_it(
   assert not np.any(np.asarray(adapter['cls_token'])) and 0.9 < float(np.std(adapter['frame_position'])) < 1.1
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, params['llm']),
                          jax.tree_util.tree_map(np.asarray, tiny_params['llm']))  # the rest as loaded
+
+
+def test_from_weights_only_the_missing_leaves_are_initialised(tiny_config, tiny_params, tmp_path, monkeypatch):
+  """Starting from weights that lack the MVM head, the head is the seeded init's and no random copy of the stored
+  leaves is ever made (a 7B start would hold the LLM twice): live device memory grows by about one model."""
+  stored = jax.tree_util.tree_map(np.asarray, {k: v for k, v in tiny_params.items() if not k.startswith('mvm_')})
+  weights = str(tmp_path / 'weights')
+  checkpoints.save_weights(weights, stored, tiny_config().model.to_dict())
+  config = tiny_config()
+  config.init.checkpoint = weights
+  config.seed = 3
+  model_cfg = stllm.model_config(config.model)
+  shardings = sharding.param_shardings(stllm.abstract_variables(model_cfg), sharding.make_mesh('fsdp=1'))
+  live_bytes = lambda: sum(x.nbytes for x in jax.live_arrays())
+  model_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(tiny_params))
+  before, grown = live_bytes(), []
+  load_weights = checkpoints.load_weights
+  monkeypatch.setattr(checkpoints, 'load_weights',
+                      lambda *args: grown.append(live_bytes() - before) or load_weights(*args))
+  params = loading.initial_params(config, model_cfg, shardings)
+  assert grown and grown[0] < 0.1 * model_bytes, (grown, model_bytes)  # nothing random made before the load
+  seeded = stllm.init_params(config.model, jax.random.key(3))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, params['mvm_dense']),
+                         jax.tree_util.tree_map(np.asarray, seeded['mvm_dense']))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, params['llm']),
+                         stored['llm'])  # the rest as stored
