@@ -58,14 +58,14 @@ def train_command(config: Any, workdir: str) -> dict:
 
 def command(run: Callable[[Any, str], Any]) -> None:
   """What `train` and the demo (`python -m stllm_jax.demo`) share: quiet logs, the compilation cache, the config
-  flag, `--distributed`, freed host memory kept for reuse on CPUs (`host_memory`), the workdir (default
+  flag, freed host memory kept for reuse on CPUs (`config.host_malloc`), `--distributed`, the workdir (default
   runs/<config name>); then `run(config, workdir)`. A mistake the user can fix ends in one line."""
   logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
   quiet_background_write_failures()
   enable_compilation_cache()
-  host_memory.keep_freed_memory()  # before JAX starts its backends
   try:
     config = load_config_flag()
+    host_memory.keep_freed_memory(config.get('host_malloc', host_memory.DEFAULT_MODE))  # before JAX starts
     if FLAGS.distributed:
       initialize_distributed()
     workdir = FLAGS.workdir or os.path.join('runs', os.path.splitext(os.path.basename(

@@ -141,6 +141,13 @@ def test_bad_config_value_is_one_message(tmp_path):
   assert "train.mvm_loss='l1'" in result.stderr
 
 
+def test_the_configs_malloc_mode_is_what_the_command_sets_up(tmp_path):
+  result = run_train(*tiny_args(tmp_path), '--config.host_malloc=fast')
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert "host_malloc 'fast' is not a malloc mode: choose among system, kept, kept_one_arena" in result.stderr
+  assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 @pytest.mark.parametrize('override, message', [
     ('--config.workdir=x', "--config.workdir: the config has no field 'workdir'"),
     ('--config.train.stepz=3', "--config.train.stepz: the config has no field 'stepz' (Did you mean \"steps\""),
