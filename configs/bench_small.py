@@ -32,5 +32,5 @@ def get_config() -> ml_collections.ConfigDict:
   model.mvm_head = True
   config.train.update(steps=20, batch_size=8, grad_accum_steps=1, lr=1e-4, log_every=5)
   config.data = defaults.random_data(num_frames=8, text_buckets=(64,), qformer_text_len=16, num_samples=4096)
-  config.host_malloc = 'kept_one_arena'  # 410 MiB of temporaries a step: 10% faster than 'kept' (BENCHMARK.md)
+  config.host_malloc = 'kept'  # 410 MiB of temporaries a step, faulted in again each step otherwise (BENCHMARK.md)
   return config

@@ -25,7 +25,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 
-from stllm_jax import generate, host_memory
+from stllm_jax import generate
 from stllm_jax.data import conversation, inference, video
 from stllm_jax.data.errors import SampleError
 from stllm_jax.errors import UserError, exit_with
@@ -192,7 +192,6 @@ def _read_stdin() -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  host_memory.keep_freed_memory()
   try:
     run(args, _read_stdin, sys.stdout)
   except UserError as error:

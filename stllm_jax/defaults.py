@@ -23,10 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = pipeline.default_config()  # VideoChat2-format datasets; see random_data() for smoke runs
   # Initial weights: a directory written by `python -m stllm_jax.convert`; '' = random initialisation.
   config.init = ml_collections.ConfigDict({'checkpoint': '', 'new_params': NEW_PARAMS})
-  # On CPUs only: how malloc keeps freed host memory for the next step (stllm_jax/host_memory.py): 'kept' (each
-  # thread its own arena; small steps), 'kept_one_arena' (no block ever mapped afresh; steps with temporaries of
-  # hundreds of MiB, e.g. configs/bench_small.py) or 'system'.
-  config.host_malloc = 'kept'
+  # On CPUs only, how malloc treats freed host memory (stllm_jax/host_memory.py): 'system' (glibc's defaults) or
+  # 'kept' (kept for the next step: faster for steps with temporaries of hundreds of MiB, configs/bench_small.py;
+  # slower for small steps like the demo's).
+  config.host_malloc = 'system'
   return config
 
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from tqdm import tqdm
 
-from stllm_jax import generate, host_memory
+from stllm_jax import generate
 from stllm_jax.data import annotations, conversation, inference
 from stllm_jax.data.errors import SampleError
 from stllm_jax.errors import UserError, exit_with
@@ -482,7 +482,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  host_memory.keep_freed_memory()
   try:
     if args.benchmark == 'mvbench':
       run_mvbench(args, sys.stdout)

@@ -1,21 +1,18 @@
-"""Host memory on CPUs: freed blocks kept in the heap for the next step, not returned to the kernel.
+"""Host memory on CPUs: how malloc treats the blocks XLA:CPU frees after each step (`config.host_malloc`).
 
 XLA:CPU allocates each execution's temporaries and outputs afresh and frees them when it ends (bench_small's train
 step: 410 MiB of temporaries). glibc's malloc serves blocks that large with mmap and gives them back with munmap,
-so every step writes to pages the kernel has to map and zero again: one page fault per 4 KiB page. Two ways to
-keep freed blocks, chosen per config (`config.host_malloc`), because each wins on one kind of step (BENCHMARK.md,
-a 2-core AMD EPYC):
+so every step writes to pages the kernel has to map and zero again: one page fault per 4 KiB page, 105,800 per
+bench_small step. 'kept' keeps them: one arena for every thread (another thread's arena maps any block over
+64 MiB whatever the settings, and XLA allocates a step's temporaries on its own threads), no mmap, the heap's
+top trimmed only beyond 2 GiB. Measured on a 2-core AMD EPYC (BENCHMARK.md): bench_small's step 13% faster,
+0 faults; but the demo's full run 6% slower (its small steps are many small allocations from several threads at
+once, which queue for the one arena's lock). Keeping freed blocks with an arena per thread instead was faster
+for the demo's first few hundred steps and 18% slower over its whole run. So 'system' (glibc's defaults) is the
+default, and configs/bench_small.py says 'kept'.
 
-- 'kept': no mmap, the heap's top trimmed only beyond 2 GiB, each thread its own arena (glibc's default). The
-  demo's small steps run 17% faster than with glibc's defaults (many small allocations from XLA's threads at
-  once). A thread other than the main one still maps a block over 64 MiB (its arena's heaps are no larger).
-- 'kept_one_arena': the same in one arena for every thread, so no block is ever mapped afresh: bench_small's
-  step 13% faster than with the defaults (105,800 page faults a step to none), 10% faster than 'kept'; but the
-  threads queue for the arena's lock, which makes the demo's small steps 24% slower than 'kept'.
-- 'system': glibc's defaults.
-
-The price of keeping: the process keeps its peak heap (as a caching allocator does), so the command-line entry
-points (train, the demo, benchmark, evaluate, chat, serve) do this only when JAX can run on nothing but the CPU;
+The price of keeping: the process keeps its peak heap (as a caching allocator does). `train`, the demo and
+`benchmark train / generate` set malloc up as their config says, only when JAX can run on nothing but the CPU;
 STLLM_JAX_SYSTEM_MALLOC=1 leaves malloc as it is whatever the config says.
 """
 
@@ -32,19 +29,18 @@ from stllm_jax.errors import UserError
 
 # mallopt parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-_KEEP = ((M_MMAP_MAX, 0),  # no block is served by mmap (but see 'kept' above)
-         (M_TRIM_THRESHOLD, 2**31 - 1))  # the heap's top is returned only beyond 2 GiB free (mallopt takes an int)
 MODES = {'system': (),
-         'kept': _KEEP,
-         'kept_one_arena': ((M_ARENA_MAX, 1),) + _KEEP}  # every thread allocates from the main heap
-DEFAULT_MODE = 'kept'
+         'kept': ((M_ARENA_MAX, 1),  # every thread allocates from the main heap
+                  (M_MMAP_MAX, 0),  # no block is served by mmap
+                  (M_TRIM_THRESHOLD, 2**31 - 1))}  # the heap's top returned only beyond 2 GiB free (an int)
+DEFAULT_MODE = 'system'
 OPT_OUT = 'STLLM_JAX_SYSTEM_MALLOC'
 _applied = 'system'
 
 
-def keep_freed_memory(mode: str = DEFAULT_MODE) -> bool:
+def set_up_malloc(mode: str = DEFAULT_MODE) -> bool:
   """Sets malloc up as `mode` (one of MODES) when JAX can only run on the CPU (`cpu_only`) and the C library is
-  glibc, unless STLLM_JAX_SYSTEM_MALLOC is set to a non-empty value other than 0. True if it kept freed memory.
+  glibc, unless STLLM_JAX_SYSTEM_MALLOC is set to a non-empty value other than 0. True if it keeps freed memory.
 
   Call it before JAX starts its backends: threads that already allocated keep their own arenas."""
   global _applied
@@ -75,5 +71,5 @@ def uses_glibc() -> bool:
 
 
 def describe() -> str:
-  """What benchmarks report: the mode keep_freed_memory applied in this process ('system' if none)."""
+  """What benchmarks report: the mode set_up_malloc applied in this process ('system' if none)."""
   return _applied

@@ -36,7 +36,7 @@ import gradio as gr  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-from stllm_jax import chat, checkpoints, generate, host_memory  # noqa: E402  pylint: disable=wrong-import-position
+from stllm_jax import chat, checkpoints, generate  # noqa: E402  pylint: disable=wrong-import-position
 from stllm_jax.data import conversation, inference, transforms  # noqa: E402  pylint: disable=wrong-import-position
 from stllm_jax.data.errors import SampleError  # noqa: E402  pylint: disable=wrong-import-position
 from stllm_jax.errors import UserError, exit_with  # noqa: E402  pylint: disable=wrong-import-position
@@ -377,7 +377,6 @@ def build_app(server: ChatServer) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  host_memory.keep_freed_memory()
   try:
     print(f'loading {args.checkpoint} ...', flush=True)
     generator = generate.load_generator(args.checkpoint, args.llm_tokenizer, args.qformer_tokenizer)

@@ -65,7 +65,7 @@ def command(run: Callable[[Any, str], Any]) -> None:
   enable_compilation_cache()
   try:
     config = load_config_flag()
-    host_memory.keep_freed_memory(config.get('host_malloc', host_memory.DEFAULT_MODE))  # before JAX starts
+    host_memory.set_up_malloc(config.get('host_malloc', host_memory.DEFAULT_MODE))  # before JAX starts
     if FLAGS.distributed:
       initialize_distributed()
     workdir = FLAGS.workdir or os.path.join('runs', os.path.splitext(os.path.basename(

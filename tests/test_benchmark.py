@@ -204,10 +204,8 @@ def test_the_cpu_isa_names_the_host_and_what_each_framework_is_capped_to(monkeyp
 def test_device_line_says_whether_freed_host_memory_is_kept():
   device = {'host_cpu': 'AMD EPYC', 'host_cores': 2, 'cpu_isa': {'host': 'AVX-512', 'xla': 'AVX-512'}}
   assert devices.describe_host({**device, 'host_malloc': 'kept'}) == 'AMD EPYC, 2 cores, AVX-512, freed memory kept'
-  assert devices.describe_host({**device, 'host_malloc': 'kept_one_arena'}) == (
-      'AMD EPYC, 2 cores, AVX-512, freed memory kept (one arena)')
   assert devices.describe_host({**device, 'host_malloc': 'system'}) == 'AMD EPYC, 2 cores, AVX-512'
-  assert devices.describe()['host_malloc'] in ('kept', 'kept_one_arena', 'system')
+  assert devices.describe()['host_malloc'] in ('kept', 'system')
 
 
 def test_bt_adapter_flops_match_a_hand_count_and_xla(tmp_path, report):

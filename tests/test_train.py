@@ -144,7 +144,7 @@ def test_bad_config_value_is_one_message(tmp_path):
 def test_the_configs_malloc_mode_is_what_the_command_sets_up(tmp_path):
   result = run_train(*tiny_args(tmp_path), '--config.host_malloc=fast')
   assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
-  assert "host_malloc 'fast' is not a malloc mode: choose among system, kept, kept_one_arena" in result.stderr
+  assert "host_malloc 'fast' is not a malloc mode: choose among system, kept" in result.stderr
   assert not any(tmp_path.iterdir())  # refused before anything was written
 
 

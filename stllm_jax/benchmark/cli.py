@@ -309,8 +309,6 @@ def main(argv: list[str] | None = None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args, overrides = parse_args(argv)
-    if args.command not in ('train', 'generate'):
-      host_memory.keep_freed_memory()  # before JAX starts
     if args.command == 'plan':
       reexec_with_devices(mesh_device_count(args.mesh), argv)
     if args.command == 'gpu-report':
@@ -318,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.command == 'attention':
       return run_attention(args, argv)
     config = load_config(args.config, overrides)
-    host_memory.keep_freed_memory(config.get('host_malloc', host_memory.DEFAULT_MODE))  # JAX and PyTorch alike
+    host_memory.set_up_malloc(config.get('host_malloc', host_memory.DEFAULT_MODE))  # JAX and PyTorch alike
     if args.command == 'train':
       if args.steps < 2:
         raise UserError(f'--steps {args.steps}: give at least 2 (the first step compiles; times come from the rest)')

@@ -113,8 +113,7 @@ def cpu_isa() -> dict[str, str]:
 
 def describe_host(device: dict[str, Any]) -> str:
   """The host part of a report's device line: 'AMD EPYC, 2 cores, AVX-512, freed memory kept'."""
-  malloc = {'kept': ', freed memory kept', 'kept_one_arena': ', freed memory kept (one arena)'}.get(
-      device.get('host_malloc'), '')
+  malloc = ', freed memory kept' if device.get('host_malloc') == 'kept' else ''
   return f"{device['host_cpu']}, {device['host_cores']} cores, {describe_isa(device['cpu_isa'])}{malloc}"
 
 
