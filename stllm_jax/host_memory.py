@@ -6,10 +6,10 @@ so every step writes to pages the kernel has to map and zero again: one page fau
 bench_small step. 'kept' keeps them: one arena for every thread (another thread's arena maps any block over
 64 MiB whatever the settings, and XLA allocates a step's temporaries on its own threads), no mmap, the heap's
 top trimmed only beyond 2 GiB. Measured on a 2-core AMD EPYC (BENCHMARK.md): bench_small's step 13% faster,
-0 faults; but the demo's full run 6% slower (its small steps are many small allocations from several threads at
-once, which queue for the one arena's lock). Keeping freed blocks with an arena per thread instead was faster
-for the demo's first few hundred steps and 18% slower over its whole run. So 'system' (glibc's defaults) is the
-default, and configs/bench_small.py says 'kept'.
+0 faults; but the demo's runs 21% longer (its small steps are many small allocations from several threads at
+once, which queue for the one arena's lock). Keeping freed blocks with an arena per thread instead made no
+difference to the demo that the host's noise did not hide. So 'system' (glibc's defaults) is the default, and
+configs/bench_small.py says 'kept'.
 
 The price of keeping: the process keeps its peak heap (as a caching allocator does). `train`, the demo and
 `benchmark train / generate` set malloc up as their config says, only when JAX can run on nothing but the CPU;
