@@ -2,6 +2,7 @@
 
 import os
 
+import av
 import numpy as np
 import pytest
 
@@ -155,6 +156,15 @@ def videos(tmp_path_factory):
       'folder': helpers.write_frame_folder(str(root / 'frames'), frames),
   }
   return paths, frames
+
+
+def test_rgb_frames_equal_pyav_s_own_conversion_through_changes_of_size_and_format(videos, tmp_path):
+  """The reused swscale context follows each frame: yuv420p 64x48, rgb8 (gif), then yuv420p 32x24."""
+  small = helpers.write_video(str(tmp_path / 'small.mp4'), helpers.pattern_frames(4, height=24, width=32))
+  for path in (videos[0]['mp4'], videos[0]['gif'], small, videos[0]['mp4']):
+    with av.open(path) as container:
+      for frame in container.decode(video=0):
+        np.testing.assert_array_equal(video._to_rgb(frame), frame.to_ndarray(format='rgb24'))  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('kind', ['mp4', 'mp4_one_gop', 'webm', 'mkv', 'avi', 'gif'])
