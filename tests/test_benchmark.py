@@ -186,18 +186,23 @@ def test_peak_and_bandwidth_tables_match_device_kinds():
 
 def test_the_cpu_isa_names_the_host_and_what_each_framework_is_capped_to(monkeypatch):
   """XLA_FLAGS=--xla_cpu_max_isa and ATEN_CPU_CAPABILITY (read by torch at import, so here the imported torch's
-  own answer) show in the benchmark's device record and its one-line description."""
+  own answer) show in the benchmark's device record and its one-line description; so does YNNPACK's ISA, which
+  XLA_FLAGS does not limit (test_isa_cap.py: --cpu-isa avx2 does)."""
   import torch  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2')
   isa = devices.cpu_isa()
   assert isa['host'] in ('AVX-512', 'AVX2', 'AVX', 'NEON', 'SSE4.2', 'unknown') and isa['xla'] == 'AVX2'
   assert isa['torch'] == {'AVX512': 'AVX-512', 'AVX2': 'AVX2', 'DEFAULT': 'none'}.get(
       torch.backends.cpu.get_cpu_capability(), torch.backends.cpu.get_cpu_capability())
+  if isa['host'] in ('AVX-512', 'AVX2') and 'ynnpack' in isa:  # x86-64 Linux: XLA's cap leaves its matmuls alone
+    assert isa['ynnpack'] == isa['host']
   monkeypatch.setenv('XLA_FLAGS', '')
   assert devices.cpu_isa()['xla'] == isa['host']
   assert devices.describe_isa({'host': 'AVX-512', 'xla': 'AVX-512', 'torch': 'AVX-512'}) == 'AVX-512'
   assert devices.describe_isa({'host': 'AVX-512', 'xla': 'AVX2', 'torch': 'AVX2'}) == 'AVX-512 host, XLA AVX2, PyTorch AVX2'
   assert devices.describe_isa({'host': 'AVX2', 'xla': 'AVX2'}) == 'AVX2'
+  assert devices.describe_isa({'host': 'AVX-512', 'xla': 'AVX2', 'ynnpack': 'AVX-512', 'torch': 'AVX2'}) == (
+      'AVX-512 host, XLA AVX2, YNNPACK AVX-512, PyTorch AVX2')
   assert 'cpu_isa' in devices.describe()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from stllm_jax import host_memory
 from stllm_jax.benchmark import attention_bench
+from stllm_jax.benchmark import isa_cap
 from stllm_jax.errors import UserError, exit_with
 
 COMMANDS = ('train', 'generate', 'plan', 'gpu-report', 'attention')
@@ -38,6 +39,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                      help='dynamic masking; off: every visual token; both: each batch masked, then unmasked (A/B)')
   train.add_argument('--mask-rate', type=float, default=None, help='one fixed mask rate instead of the random ones')
   train.add_argument('--against', choices=('torch',), default=None, help='alternate with the PyTorch reference')
+  add_cpu_isa_argument(train)
   gen = sub.add_parser('generate', parents=[common], help='time prefill and greedy decoding')
   gen.add_argument('--frames', type=int, default=4)
   gen.add_argument('--new-tokens', type=int, default=64)
@@ -45,6 +47,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   gen.add_argument('--prompt-len', type=int, default=32, help='text tokens after the visual tokens')
   gen.add_argument('--repeats', type=int, default=3)
   gen.add_argument('--against', choices=('torch',), default=None)
+  add_cpu_isa_argument(gen)
   plan = sub.add_parser('plan', parents=[common], help='per-device memory of the train step, compiled ahead of time')
   plan.add_argument('--mesh', default='fsdp=8', help='e.g. fsdp=8 or data=2,fsdp=4')
   plan.add_argument('--batch-size', type=int, default=0, help='global batch (default: the config\'s)')
@@ -305,6 +308,12 @@ def run_attention(args: argparse.Namespace, argv: list[str]) -> dict:
   return result
 
 
+def add_cpu_isa_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--cpu-isa', choices=isa_cap.CHOICES, default='host',
+                      help='avx2: XLA, its YNNPACK matmuls and PyTorch all limited to AVX2, as on a CPU without AVX-512 '
+                           '(x86-64 Linux)')
+
+
 def main(argv: list[str] | None = None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
@@ -317,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
       return run_attention(args, argv)
     config = load_config(args.config, overrides)
     host_memory.set_up_malloc(config.get('host_malloc', host_memory.DEFAULT_MODE))  # JAX and PyTorch alike
+    if args.command in ('train', 'generate'):
+      isa_cap.apply(args.cpu_isa)  # before JAX compiles and torch is imported
     if args.command == 'train':
       if args.steps < 2:
         raise UserError(f'--steps {args.steps}: give at least 2 (the first step compiles; times come from the rest)')

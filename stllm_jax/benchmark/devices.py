@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from stllm_jax import host_memory
+from stllm_jax.benchmark import isa_cap
 
 # bf16 dense peaks in TFLOP/s (vendor data sheets, no sparsity); matched in order on device_kind.
 PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -95,8 +96,9 @@ _TORCH_ISA_NAMES = {'AVX512': 'AVX-512', 'AVX2': 'AVX2', 'DEFAULT': 'none', 'ZVE
 
 
 def cpu_isa() -> dict[str, str]:
-  """The host CPU's widest vector instruction set, and the one each framework is limited to: XLA by
-  `--xla_cpu_max_isa` in XLA_FLAGS, PyTorch by ATEN_CPU_CAPABILITY (read only if torch is already imported)."""
+  """The host CPU's widest vector instruction set, and the one each library is limited to: XLA's generated code by
+  `--xla_cpu_max_isa` in XLA_FLAGS, YNNPACK (XLA's matmuls) by its arch flags (isa_cap.py; where they can be read),
+  PyTorch by ATEN_CPU_CAPABILITY (read only if torch is already imported)."""
   flags = set((_cpuinfo('flags', 'Features') or '').split())  # x86 names them flags, Arm Features
   host = next((name for name, flag in _ISA_FLAGS if flag in flags), 'unknown')
   isa = {'host': host, 'xla': host}
@@ -104,6 +106,9 @@ def cpu_isa() -> dict[str, str]:
     if flag.startswith('--xla_cpu_max_isa='):
       capped = flag.split('=', 1)[1].upper()
       isa['xla'] = _XLA_ISA_NAMES.get(capped, capped)
+  ynnpack = isa_cap.ynnpack_isa()
+  if ynnpack is not None:
+    isa['ynnpack'] = ynnpack
   torch = sys.modules.get('torch')
   if torch is not None:
     capability = torch.backends.cpu.get_cpu_capability()
@@ -118,8 +123,10 @@ def describe_host(device: dict[str, Any]) -> str:
 
 
 def describe_isa(isa: dict[str, str]) -> str:
-  """'AVX-512' when every framework uses what the host has; else 'AVX-512 host, XLA AVX2, PyTorch AVX2'."""
-  used = {name: value for name, value in (('XLA', isa.get('xla')), ('PyTorch', isa.get('torch'))) if value}
+  """'AVX-512' when every library uses what the host has; else e.g. 'AVX-512 host, XLA AVX2, YNNPACK AVX2, PyTorch
+  AVX2'."""
+  used = {name: value for name, value in (('XLA', isa.get('xla')), ('YNNPACK', isa.get('ynnpack')),
+                                          ('PyTorch', isa.get('torch'))) if value}
   if all(value == isa['host'] for value in used.values()):
     return isa['host']
   return ', '.join([f"{isa['host']} host"] + [f'{name} {value}' for name, value in used.items()])
