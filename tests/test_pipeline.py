@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from stllm_jax.data import annotations, conversation, pipeline, schedule
+from stllm_jax.data import annotations, conversation, pipeline, schedule, video
 from stllm_jax.data.errors import REASONS, DataError, SampleError
 from stllm_jax.data.samples import SampleOptions, load_training_sample
 
@@ -89,6 +89,7 @@ def test_default_config_and_parsing(good_config):
     (dict(mixing='random'), 'mixing'),
     (dict(max_failure_share=1.5), 'max_failure_share'),
     (dict(num_workers=-1), 'num_workers'),
+    (dict(video_cache_mib=-1), 'video_cache_mib'),
     (dict(batch_size=0), 'batch_size'),
     (dict(max_answer_tokens=0), 'max_answer_tokens'),
 ])
@@ -400,6 +401,17 @@ def test_resume_with_worker_processes_gives_the_same_batches(good_config):
     assert_same_batches(following, take(resumed, 3))
     resumed.set_state(state)  # restoring twice (e.g. after a failed step) starts over from the state
     assert_same_batches(following[:1], take(resumed, 1))
+
+
+def test_kept_decoded_videos_give_the_same_batches(good_config):
+  """data.video_cache_mib: the second epoch's videos come from memory, and every batch is what decoding gives."""
+  expected = take(pipeline.make_train_iterator(good_config, 0, 1), 6)  # 4 batches per epoch
+  values = good_config.to_dict()
+  values['video_cache_mib'] = 16
+  cache = video.DecodedVideos.shared(16 << 20)
+  hits = cache.hits
+  assert_same_batches(expected, take(pipeline.make_train_iterator(values, 0, 1), 6))
+  assert cache.hits - hits >= 8 and len(cache) == 16  # 16 videos of 20 x 48 x 64 pixels: 2.8 MiB
 
 
 def test_state_for_other_settings_is_refused(good_config):

@@ -217,6 +217,62 @@ def test_short_video_is_padded_and_says_so(tmp_path):
   np.testing.assert_array_equal(clip.frames, helpers.decode_all(path)[[0, 1, 2, 3, 4, 4, 4, 4]])
 
 
+def test_decoded_videos_give_the_same_clips_and_decode_each_video_once(tmp_path):
+  paths = [helpers.write_video(str(tmp_path / f'v{i}.mp4'), helpers.pattern_frames(20 + 5 * i)) for i in range(2)]
+  paths.append(helpers.write_frame_folder(str(tmp_path / 'folder'), helpers.pattern_frames(12)))
+  cache = video.DecodedVideos(max_bytes=64 << 20)
+  for round_ in range(2):
+    for seed, path in enumerate(paths):
+      for mode, start in (('rand', None), ('rand', 0.5), ('even', None), ('middle', None)):
+        expected = video.load_clip(path, 6, mode, rng=np.random.default_rng(seed), start=start)
+        got = video.load_clip(path, 6, mode, rng=np.random.default_rng(seed), start=start, cache=cache)
+        np.testing.assert_array_equal(got.indices, expected.indices)
+        np.testing.assert_array_equal(got.frames, expected.frames)
+        assert (got.num_real_frames, got.fps, got.duration_s) == (
+            expected.num_real_frames, expected.fps, expected.duration_s)
+    assert (cache.misses, len(cache)) == (3, 3)  # decoded in the first round only
+  assert cache.hits == 2 * 3 * 4 - 3
+  assert cache.bytes == sum(n * 48 * 64 * 3 for n in (20, 25, 12))
+
+
+def test_decoded_videos_stay_within_their_budget(tmp_path):
+  small = helpers.write_video(str(tmp_path / 'small.mp4'), helpers.pattern_frames(10))
+  large = helpers.write_video(str(tmp_path / 'large.mp4'), helpers.pattern_frames(30))
+  one_small = 10 * 48 * 64 * 3
+  cache = video.DecodedVideos(max_bytes=one_small + 1)
+  reference = helpers.decode_all(large)
+  clip = video.load_clip(large, 4, 'even', cache=cache)  # larger than the budget: read, never kept
+  np.testing.assert_array_equal(clip.frames, reference[clip.indices])
+  assert (len(cache), cache.bytes) == (0, 0)
+  video.load_clip(small, 4, 'even', cache=cache)
+  other = helpers.write_video(str(tmp_path / 'other.mp4'), helpers.pattern_frames(10)[::-1])
+  clip = video.load_clip(other, 4, 'even', cache=cache)  # the least recently used (small) makes room
+  np.testing.assert_array_equal(clip.frames, helpers.decode_all(other)[clip.indices])
+  assert (len(cache), cache.bytes) == (1, one_small)
+  before = os.stat(other).st_mtime_ns
+  helpers.write_video(other, helpers.pattern_frames(10))  # rewritten in place: decoded again
+  os.utime(other, ns=(before + 10**9, before + 10**9))  # a later time even where the clock is coarse
+  clip = video.load_clip(other, 4, 'even', cache=cache)
+  np.testing.assert_array_equal(clip.frames, helpers.decode_all(other)[clip.indices])
+
+
+def test_a_video_with_a_broken_frame_is_read_as_without_the_cache(tmp_path, monkeypatch):
+  """Decoding the whole video fails on a frame the clip does not need: the clip is still read."""
+  path = helpers.write_video(str(tmp_path / 'v.mp4'), helpers.pattern_frames(20))
+  real_read = video.read_frames
+
+  def read_frames_without_the_last(media, indices, threads=1):
+    if max(indices) == media.num_frames - 1 and len(indices) == media.num_frames:
+      raise SampleError('decode_error', 'the last frame is broken')
+    return real_read(media, indices, threads)
+
+  monkeypatch.setattr(video, 'read_frames', read_frames_without_the_last)
+  cache = video.DecodedVideos(max_bytes=64 << 20)
+  clip = video.load_clip(path, 4, 'middle', cache=cache)
+  np.testing.assert_array_equal(clip.frames, helpers.decode_all(path)[clip.indices])
+  assert len(cache) == 0
+
+
 # ----------------------------------------------------------------------------------------- bad media
 
 

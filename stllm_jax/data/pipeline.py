@@ -103,6 +103,9 @@ class DataConfig:
   min_video_frames: int = 2  # videos with fewer frames are skipped (too_few_frames)
   max_frame_pixels: int = 3840 * 2160  # larger frames are skipped (frame_too_large) before decoding
   decode_threads: int = 1  # FFmpeg threads per video (parallelism comes from workers)
+  # Decoded videos each worker keeps in memory, whole (MiB; 0: none): for a small set read for many epochs, where
+  # decoding is most of a sample's time (the demo). A video larger than this is never kept.
+  video_cache_mib: int = 0
   # A row's video must resolve (symlinks followed) inside its media_root, or inside one of these directories.
   allowed_media_dirs: tuple[str, ...] = ()
 
@@ -137,6 +140,8 @@ class DataConfig:
         raise DataError(f'data.{name} must be >= 1, got {value}')
     if self.num_workers < 0:
       raise DataError(f'data.num_workers must be >= 0, got {self.num_workers}')
+    if not isinstance(self.video_cache_mib, int) or self.video_cache_mib < 0:
+      raise DataError(f'data.video_cache_mib must be a whole number of MiB >= 0, got {self.video_cache_mib!r}')
     if not 0 <= self.max_failure_share <= 1:
       raise DataError(f'data.max_failure_share must lie in [0, 1], got {self.max_failure_share}')
     low, high = self.crop_scale
@@ -217,7 +222,7 @@ def _sample_options(cfg: DataConfig) -> SampleOptions:
                        qformer_max_length=cfg.qformer_max_length,
                        image_size=cfg.image_size, crop_scale=cfg.crop_scale, min_video_frames=cfg.min_video_frames,
                        max_frame_pixels=cfg.max_frame_pixels, decode_threads=cfg.decode_threads,
-                       allowed_media_dirs=tuple(cfg.allowed_media_dirs))
+                       allowed_media_dirs=tuple(cfg.allowed_media_dirs), video_cache_bytes=cfg.video_cache_mib << 20)
 
 
 @dataclasses.dataclass(frozen=True)

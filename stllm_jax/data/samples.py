@@ -31,6 +31,7 @@ class SampleOptions:
   max_frame_pixels: int = 3840 * 2160
   decode_threads: int = 1
   allowed_media_dirs: tuple[str, ...] = ()  # where symlinks under a media root may lead
+  video_cache_bytes: int = 0  # decoded videos this process keeps (video.DecodedVideos); 0: none
 
 
 def load_training_sample(raw: Any, media_root: str, num_frames: int, folder_fps: float,
@@ -50,7 +51,9 @@ def load_training_sample(raw: Any, media_root: str, num_frames: int, folder_fps:
   path = annotations.media_path(media_root, row.video, options.allowed_media_dirs)
   clip = video.load_clip(path, num_frames, 'rand', rng=rng, start=row.start, end=row.end, folder_fps=folder_fps,
                          min_frames=options.min_video_frames, max_pixels=options.max_frame_pixels,
-                         threads=options.decode_threads)
+                         threads=options.decode_threads,
+                         cache=video.DecodedVideos.shared(options.video_cache_bytes) if options.video_cache_bytes
+                         else None)
   frames = transforms.train_transform(clip.frames, rng, options.image_size, options.crop_scale)
   return dict(frames=frames, input_ids=text.input_ids, answer_mask=text.answer_mask,
               qformer_input_ids=qformer_ids, num_real_frames=clip.num_real_frames, qa_index=qa_index,

@@ -27,6 +27,7 @@ Every failure a user's data can cause is raised as `SampleError` with a reason c
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -398,21 +399,82 @@ def clip_indices(num_available: int, num_frames: int | None, mode: str, rng: np.
   return sample_indices(num_available, num_frames, mode, rng)[0]
 
 
+class DecodedVideos:
+  """Whole videos, decoded once and kept in memory, the least recently used dropped beyond `max_bytes`.
+
+  For a small set read many times (the demo reads its 800 short videos 48 times): a kept video costs no probe,
+  no open and no decoding. A video larger than the budget is never kept. One per process (`shared`): grain's
+  worker processes each keep their own. Entries are keyed by path, size and modification time.
+  """
+
+  def __init__(self, max_bytes: int):
+    self.max_bytes = max_bytes
+    self.bytes = 0
+    self.hits = self.misses = 0
+    self._videos: collections.OrderedDict[tuple, tuple[Media, np.ndarray]] = collections.OrderedDict()
+
+  def __len__(self) -> int:
+    return len(self._videos)
+
+  def get(self, path: str, folder_fps: float, max_pixels: int, threads: int) -> tuple[Media, np.ndarray | None]:
+    """The video's Media and all its frames uint8 [N, H, W, 3]; frames None when it is too large to keep (the
+    caller then reads the frames it needs)."""
+    try:
+      stat = os.stat(path)
+      key = (path, folder_fps, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+      key = None  # missing: probe says so
+    if key in self._videos:
+      self.hits += 1
+      self._videos.move_to_end(key)
+      return self._videos[key]
+    self.misses += 1
+    media = probe(path, folder_fps=folder_fps, max_pixels=max_pixels, threads=threads)
+    size = media.num_frames * media.height * media.width * 3
+    if key is None or size > self.max_bytes:
+      return media, None
+    try:
+      frames = read_frames(media, np.arange(media.num_frames), threads)
+    except SampleError:
+      return media, None  # a frame the clip may not need is broken: the caller reads only its own
+    while self._videos and self.bytes + frames.nbytes > self.max_bytes:
+      _, (_, dropped) = self._videos.popitem(last=False)
+      self.bytes -= dropped.nbytes
+    self._videos[key] = (media, frames)
+    self.bytes += frames.nbytes
+    return media, frames
+
+  @classmethod
+  def shared(cls, max_bytes: int) -> DecodedVideos:
+    """This process's cache of `max_bytes` (one per budget)."""
+    if max_bytes not in _SHARED_CACHES:
+      _SHARED_CACHES[max_bytes] = cls(max_bytes)
+    return _SHARED_CACHES[max_bytes]
+
+
+_SHARED_CACHES: dict[int, DecodedVideos] = {}
+
+
 def load_clip(path: str, num_frames: int | None, mode: str, *, rng: np.random.Generator | None = None,
               start: float | None = None, end: float | None = None,
               fps_range: tuple[int, int] = DEFAULT_FPS_RANGE, folder_fps: float = 3.0,
-              min_frames: int = 1, max_pixels: int = 3840 * 2160, threads: int = 1) -> Clip:
-  """Probe, pick the frames of [start, end) with `mode`, and decode them.
+              min_frames: int = 1, max_pixels: int = 3840 * 2160, threads: int = 1,
+              cache: DecodedVideos | None = None) -> Clip:
+  """Probe, pick the frames of [start, end) with `mode`, and decode them (or take them from `cache`).
 
   `num_frames` is T for `rand`/`even`/`middle` and ignored for `fps`. Raises SampleError for unusable input.
   """
   if mode not in SAMPLING_MODES:
     raise ValueError(f'unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}')
-  media = probe(path, folder_fps=folder_fps, max_pixels=max_pixels, threads=threads)
+  if cache is not None:
+    media, all_frames = cache.get(path, folder_fps, max_pixels, threads)
+  else:
+    media, all_frames = probe(path, folder_fps=folder_fps, max_pixels=max_pixels, threads=threads), None
   if media.num_frames < min_frames:
     raise SampleError('too_few_frames', f'{path} has {media.num_frames} frame(s); at least {min_frames} needed')
   first, stop = clip_range(media.times, start, end)
   available = stop - first
   duration = available / media.fps
   indices = clip_indices(available, num_frames, mode, rng, duration, fps_range) + first
-  return Clip(read_frames(media, indices, threads), indices, len(np.unique(indices)), media.fps, duration)
+  frames = read_frames(media, indices, threads) if all_frames is None else all_frames[indices]
+  return Clip(frames, indices, len(np.unique(indices)), media.fps, duration)
