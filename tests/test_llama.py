@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from jax.ad_checkpoint import print_saved_residuals
+from jax.extend import core as jax_core
 
 from conftest import randomize_, relative_error
 from stllm_jax.convert import hf
@@ -112,7 +113,7 @@ def primitive_count(jaxpr, name: str) -> int:
   count = 0
   for eqn in jaxpr.eqns:
     count += eqn.primitive.name == name
-    count += sum(primitive_count(sub, name) for sub in jax.core.jaxprs_in_params(eqn.params))
+    count += sum(primitive_count(sub, name) for sub in jax_core.jaxprs_in_params(eqn.params))
   return count
 
 
