@@ -63,6 +63,25 @@ def test_bad_choices_and_a_started_backend_are_refused_before_anything_changes(m
 
 
 @needs_x86_linux
+def test_a_jaxlib_without_ynnpacks_symbols_is_refused_before_any_switch_is_set(monkeypatch):
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)  # as in a fresh process
+  monkeypatch.delitem(sys.modules, 'torch', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
+  for name in isa_cap.TORCH_AVX2_ENV:
+    monkeypatch.delenv(name, raising=False)
+
+  def no_symbols():
+    raise UserError("YNNPACK's arch flags are not in the symbol table of the jaxlib in /somewhere")
+
+  monkeypatch.setattr(isa_cap, '_ynnpack_flags', no_symbols)
+  with pytest.raises(UserError, match='not in the symbol table'):
+    isa_cap.apply('avx2')
+  assert os.environ['XLA_FLAGS'] == '--xla_cpu_enable_fast_math=false'
+  assert not any(name in os.environ for name in isa_cap.TORCH_AVX2_ENV)
+
+
+@needs_x86_linux
 def test_cpu_isa_avx2_limits_every_library_in_the_benchmarks_process(tmp_path):
   """A fresh process (XLA and torch read their switches once): XLA's code, YNNPACK's matmul kernels and PyTorch all
   report AVX2, in the JSON and in the table's device line."""

@@ -50,17 +50,17 @@ def apply(choice: str) -> None:
     raise UserError(f"--cpu-isa {choice!r}: choose among {', '.join(CHOICES)}")
   if choice == 'host':
     return
-  if platform.machine() not in ('x86_64', 'AMD64') or not sys.platform.startswith('linux'):
+  if not _x86_64_linux():
     raise UserError(f'--cpu-isa {choice}: only on x86-64 Linux (this is {sys.platform} {platform.machine()})')
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if xla_bridge.backends_are_initialized():
     raise UserError(f'--cpu-isa {choice}: JAX has already started its CPU backend; XLA_FLAGS would not apply')
   if 'torch' in sys.modules:
     raise UserError(f'--cpu-isa {choice}: torch is already imported; its ISA variables would not apply')
+  cap_ynnpack(AVX2_BITS)  # first: it is what can fail (another jaxlib), and then nothing else has changed
   xla_flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith('--xla_cpu_max_isa=')]
   os.environ['XLA_FLAGS'] = ' '.join(xla_flags + [XLA_AVX2_FLAG])
   os.environ.update(TORCH_AVX2_ENV)
-  cap_ynnpack(AVX2_BITS)
 
 
 def cap_ynnpack(keep_bits: int) -> int:
@@ -74,7 +74,7 @@ def cap_ynnpack(keep_bits: int) -> int:
 def ynnpack_isa() -> str | None:
   """The widest x86 ISA YNNPACK's kernels may use ('AVX-512', 'AVX2', 'AVX', 'SSE'); None where it can't be read
   (another jaxlib, another OS or CPU)."""
-  if platform.machine() not in ('x86_64', 'AMD64') or not sys.platform.startswith('linux'):
+  if not _x86_64_linux():
     return None
   try:
     function, _ = _ynnpack_flags()
@@ -84,6 +84,10 @@ def ynnpack_isa() -> str | None:
   if flags & ~AVX2_BITS:
     return 'AVX-512'
   return 'AVX2' if flags & _AVX2_BIT else 'AVX' if flags & _AVX_BIT else 'SSE'
+
+
+def _x86_64_linux() -> bool:
+  return platform.machine() in ('x86_64', 'AMD64') and sys.platform.startswith('linux')
 
 
 @functools.lru_cache(maxsize=None)
