@@ -12,7 +12,8 @@ import pytest
 import jax_env
 
 from stllm_jax import configlib
-from stllm_jax.benchmark import cli, devices, flops
+from stllm_jax.benchmark import cli, devices, flops, profile_bench
+from stllm_jax.errors import UserError
 from stllm_jax.models import stllm
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
@@ -60,6 +61,40 @@ def test_train_against_torch_two_steps(tmp_path):
   assert all(r['n_keep'] == 32 and r['torch_s'] > 0 for r in result['steps_log'])
   assert result['torch']['jax_over_torch_median'] > 0
   assert result['device']['cpu_isa']['xla'] and result['device']['cpu_isa']['torch']  # both sides' vector ISA
+
+
+def test_profile_sums_the_traced_operations_by_kind(tmp_path):
+  trace_dir = str(tmp_path / 'trace')
+  result = run(tmp_path, 'profile', '--config', TINY, '--steps', '1', '--warmup', '1', '--top', '4',
+               '--trace-dir', trace_dir, ONE_DEVICE)
+  assert len(result['untraced_step_s']) == len(result['traced_step_s']) == 1
+  assert result['setup']['n_keep'] == 16 and result['setup']['mask_rate'] == 0.5  # 32 - int(0.5 * 32)
+  top = result['top_ops']
+  assert len(top) == 4 and [op['thread_ms_per_step'] for op in top] == sorted(
+      (op['thread_ms_per_step'] for op in top), reverse=True)
+  assert all('.' not in op['kind'] and 0 < op['share'] <= 1 for op in top)
+  assert 0 < result['matmul_wall_ms_per_step'] <= result['execution_wall_ms_per_step']
+  assert result['execution_wall_ms_per_step'] <= 1000 * result['traced_step_s'][0]
+  assert os.path.isdir(trace_dir)
+
+
+def test_profile_summary_of_hand_made_events():
+  events = [
+      {'ph': 'X', 'name': 'ynn_fusion.3', 'ts': 0, 'dur': 400},  # matmuls: [0, 400) and [300, 700) overlap
+      {'ph': 'X', 'name': 'ynn_fusion.7', 'ts': 300, 'dur': 400},
+      {'ph': 'X', 'name': 'copy_bitcast_fusion', 'ts': 800, 'dur': 200},
+      {'ph': 'X', 'name': 'ThunkExecutor::Execute', 'ts': 0, 'dur': 5000},  # runtime span: not an operation
+      {'ph': 'X', 'name': '$train_bench.py:41 __call__', 'ts': 0, 'dur': 5000},  # Python frame
+      {'ph': 'i', 'name': 'dot.1', 'ts': 10},  # not a complete event
+  ]
+  summary = profile_bench.summarise_events(events, steps=2, top=5)
+  assert summary['matmul_wall_ms_per_step'] == pytest.approx(0.35)  # 700 us over 2 steps
+  assert summary['execution_wall_ms_per_step'] == pytest.approx(0.45)
+  assert summary['op_thread_ms_per_step'] == pytest.approx(0.5)
+  assert [(op['kind'], op['count_per_step'], op['matmul']) for op in summary['top_ops']] == [
+      ('ynn_fusion', 1.0, True), ('copy_bitcast_fusion', 0.5, False)]
+  with pytest.raises(UserError, match='no XLA operations'):
+    profile_bench.summarise_events(events[3:], steps=1, top=5)
 
 
 def test_generate_against_torch(tmp_path):
@@ -151,6 +186,8 @@ def test_attention_times_each_implementation_that_runs_here(tmp_path, mask, caps
     (['plan', '--config', TINY, '--remat', 'full,bogus'], "unknown --remat 'bogus': choose among none, full, dots, "
                                                            'dots_with_no_batch_dims, save_qkv_proj, minimal (or all)'),
     (['train', '--config', TINY, '--steps', '1'], 'give at least 2'),
+    (['profile', '--config', TINY, '--steps', '0'], 'give at least 1 each'),
+    (['profile', '--config', TINY, '--mask-rate', '1.5'], '--mask-rate 1.5: give a rate in [0, 1)'),
     (['train', '--config', TINY, '--config.train.nope=1'], 'no field'),
     (['attention', '--shape', '8,192,8'], "--shape '8,192,8': give batch,tokens,heads,head_dim"),
     (['attention', '--rounds', '0'], '--rounds 0: give at least 1'),

@@ -1,4 +1,4 @@
-"""Command line of the benchmark: `python -m stllm_jax.benchmark {train,generate,plan} --config configs/X.py ...`,
+"""Command line of the benchmark: `python -m stllm_jax.benchmark {train,profile,generate,plan} --config configs/X.py ...`,
 `python -m stllm_jax.benchmark gpu-report --out DIR [--smoke]` (no config: see gpu_report.py) and
 `python -m stllm_jax.benchmark attention [--shape B,T,H,hd --mask causal]` (no config: attention_bench.py).
 
@@ -22,13 +22,13 @@ from stllm_jax.benchmark import attention_bench
 from stllm_jax.benchmark import isa_cap
 from stllm_jax.errors import UserError, exit_with
 
-COMMANDS = ('train', 'generate', 'plan', 'gpu-report', 'attention')
+COMMANDS = ('train', 'profile', 'generate', 'plan', 'gpu-report', 'attention')
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(prog='python -m stllm_jax.benchmark', description=__doc__.split('\n\n')[0])
-  sub = parser.add_subparsers(dest='command', metavar='{train,generate,plan,gpu-report,attention}')
+  sub = parser.add_subparsers(dest='command', metavar='{' + ','.join(COMMANDS) + '}')
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument('--config', required=True, help='config file, e.g. configs/bench_small.py')
   common.add_argument('--out', default='', help='JSON result file (default under runs/benchmark/)')
@@ -40,6 +40,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   train.add_argument('--mask-rate', type=float, default=None, help='one fixed mask rate instead of the random ones')
   train.add_argument('--against', choices=('torch',), default=None, help='alternate with the PyTorch reference')
   add_cpu_isa_argument(train)
+  profile = sub.add_parser('profile', parents=[common], help='trace the train step: time by operation kind, the '
+                                                             'matmuls\' share')
+  profile.add_argument('--steps', type=int, default=3, help='steps timed untraced, then as many traced (default 3)')
+  profile.add_argument('--warmup', type=int, default=2, help='steps before them; the first compiles (default 2)')
+  profile.add_argument('--mask', choices=('on', 'off'), default='on', help='off: every visual token')
+  profile.add_argument('--mask-rate', type=float, default=0.5, help='the fixed mask rate (default 0.5)')
+  profile.add_argument('--top', type=int, default=15, help='operation kinds listed (default 15)')
+  profile.add_argument('--trace-dir', default='', help='where the trace is kept (default under runs/benchmark/)')
+  add_cpu_isa_argument(profile)
   gen = sub.add_parser('generate', parents=[common], help='time prefill and greedy decoding')
   gen.add_argument('--frames', type=int, default=4)
   gen.add_argument('--new-tokens', type=int, default=64)
@@ -308,6 +317,21 @@ def run_attention(args: argparse.Namespace, argv: list[str]) -> dict:
   return result
 
 
+def run_profile(args: argparse.Namespace, config: Any) -> tuple[dict, str]:
+  if args.steps < 1 or args.warmup < 1 or args.top < 1:
+    raise UserError(f'--steps {args.steps} --warmup {args.warmup} --top {args.top}: give at least 1 each '
+                    '(the first warm-up step compiles)')
+  if not 0.0 <= args.mask_rate < 1.0:
+    raise UserError(f'--mask-rate {args.mask_rate}: give a rate in [0, 1)')
+  if args.mask == 'off':
+    config.train.masking.enabled = False
+  from stllm_jax.benchmark import profile_bench  # pylint: disable=g-import-not-at-top
+  trace_dir = args.trace_dir or os.path.splitext(default_out('trace', args.config))[0]
+  result = profile_bench.run(config, steps=args.steps, warmup=args.warmup, mask_rate=args.mask_rate, top=args.top,
+                             trace_dir=trace_dir)
+  return result, profile_bench.table(result)
+
+
 def add_cpu_isa_argument(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--cpu-isa', choices=isa_cap.CHOICES, default='host',
                       help='avx2: XLA, its YNNPACK matmuls and PyTorch all limited to AVX2, as on a CPU without AVX-512 '
@@ -326,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
       return run_attention(args, argv)
     config = load_config(args.config, overrides)
     host_memory.set_up_malloc(config.get('host_malloc', host_memory.DEFAULT_MODE))  # JAX and PyTorch alike
-    if args.command in ('train', 'generate'):
+    if args.command in ('train', 'profile', 'generate'):
       isa_cap.apply(args.cpu_isa)  # before JAX compiles and torch is imported
     if args.command == 'train':
       if args.steps < 2:
@@ -335,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
       result = train_bench.run(config, steps=args.steps, mask=args.mask, mask_rate=args.mask_rate,
                                against=args.against, threads=args.threads or None)
       text = train_bench.table(result)
+    elif args.command == 'profile':
+      result, text = run_profile(args, config)
     elif args.command == 'generate':
       from stllm_jax.benchmark import generate_bench  # pylint: disable=g-import-not-at-top
       result = generate_bench.run(config, frames=args.frames, new_tokens=args.new_tokens, batch=args.batch,
