@@ -9,7 +9,9 @@ the step), how many ran, and two wall times read from the union of the operation
 from anything but faster GEMMs (BENCHMARK.md, GitHub issue 20).
 
 Random batches and one fixed mask rate, as `benchmark train --mask-rate`; MVM as the config says
-(`--config.train.mvm_weight=0` for the A/B's setting).
+(`--config.train.mvm_weight=0` for the A/B's setting). Checked on XLA:CPU, whose trace names each operation after
+its HLO instruction; a GPU trace names kernels (cuBLAS's and cuDNN's among them) that need not match
+`XLA_OP_NAME`, so there the table may leave kernels out (not yet run on a GPU).
 """
 
 from __future__ import annotations
