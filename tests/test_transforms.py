@@ -77,6 +77,18 @@ def test_normalisation_statistics():
   np.testing.assert_allclose(out.std(axis=(0, 1, 2)), expected_std, rtol=0.03)
 
 
+def test_normalisation_is_float32_x_times_scale_minus_offset_to_the_bit():
+  """Each of the 256 values per channel, and a batch-shaped array: (float32(x) * scale) - offset, each op in float32."""
+  scale = (1.0 / (255.0 * transforms.CLIP_STD)).astype(np.float32)
+  offset = (transforms.CLIP_MEAN / transforms.CLIP_STD).astype(np.float32)
+  every_value = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]
+  frames = np.random.default_rng(1).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
+  for x in (every_value, frames):
+    out = transforms.normalize(x)
+    assert out.dtype == np.float32 and out.shape == x.shape
+    np.testing.assert_array_equal(out, x.astype(np.float32) * scale - offset)
+
+
 def test_full_transforms_shapes_and_dtypes():
   frames = helpers.pattern_frames(3, 90, 160)
   train = transforms.train_transform(frames, np.random.default_rng(0), 224)

@@ -91,7 +91,10 @@ def normalize(frames: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] -> float32 CLIP-normalised [..., 3]."""
   scale = (1.0 / (255.0 * CLIP_STD)).astype(np.float32)
   offset = (CLIP_MEAN / CLIP_STD).astype(np.float32)
-  return frames.astype(np.float32) * scale - offset
+  out = np.empty(frames.shape, np.float32)  # written twice, no temporaries: x * scale, then - offset, in float32
+  np.multiply(frames, scale, out=out)
+  out -= offset
+  return out
 
 
 def train_transform(frames: np.ndarray, rng: np.random.Generator, size: int = 224,
