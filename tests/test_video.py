@@ -235,6 +235,15 @@ def test_decoded_videos_give_the_same_clips_and_decode_each_video_once(tmp_path)
   assert cache.bytes == sum(n * 48 * 64 * 3 for n in (20, 25, 12))
 
 
+def test_a_kept_video_still_meets_a_smaller_pixel_limit(tmp_path):
+  path = helpers.write_video(str(tmp_path / 'v.mp4'), helpers.pattern_frames(10))  # 48 x 64 frames
+  cache = video.DecodedVideos(max_bytes=64 << 20)
+  video.load_clip(path, 4, 'even', cache=cache)  # kept under the default limit
+  with pytest.raises(SampleError) as error:
+    video.load_clip(path, 4, 'even', max_pixels=48 * 64 - 1, cache=cache)
+  assert error.value.reason == 'frame_too_large'
+
+
 def test_decoded_videos_stay_within_their_budget(tmp_path):
   small = helpers.write_video(str(tmp_path / 'small.mp4'), helpers.pattern_frames(10))
   large = helpers.write_video(str(tmp_path / 'large.mp4'), helpers.pattern_frames(30))

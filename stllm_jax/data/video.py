@@ -404,7 +404,8 @@ class DecodedVideos:
 
   For a small set read many times (the demo reads its 800 short videos 48 times): a kept video costs no probe,
   no open and no decoding. A video larger than the budget is never kept. One per process (`shared`): grain's
-  worker processes each keep their own. Entries are keyed by path, size and modification time.
+  worker processes each keep their own. Entries are keyed by path, size and modification time (and the
+  probe's folder_fps and max_pixels).
   """
 
   def __init__(self, max_bytes: int):
@@ -421,7 +422,7 @@ class DecodedVideos:
     caller then reads the frames it needs)."""
     try:
       stat = os.stat(path)
-      key = (path, folder_fps, stat.st_size, stat.st_mtime_ns)
+      key = (path, folder_fps, max_pixels, stat.st_size, stat.st_mtime_ns)  # max_pixels: probe's check holds
     except OSError:
       key = None  # missing: probe says so
     if key in self._videos:
