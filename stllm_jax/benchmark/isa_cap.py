@@ -130,8 +130,8 @@ def elf_symbols(path: str, names: tuple[str, ...]) -> dict[str, tuple[int, int]]
     symtab = next((s for s in sections if s[1] == _SHT_SYMTAB), None)
     if symtab is None:
       return {}
-    _, strtab_offset, strtab_size = sections[symtab[6]][0], sections[symtab[6]][4], sections[symtab[6]][5]
-    strings = data[strtab_offset:strtab_offset + strtab_size]
+    strtab = sections[symtab[6]]  # the section symtab's link field names
+    strings = data[strtab[4]:strtab[4] + strtab[5]]  # its offset and size
     wanted = {}  # offset of a name in the string table -> name (a name may also end a longer string)
     for name in names:
       needle, start = name.encode() + b'\0', 0

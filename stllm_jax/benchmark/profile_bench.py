@@ -65,16 +65,16 @@ def summarise_events(events: Iterable[dict[str, Any]], steps: int, top: int) -> 
   ops = [e for e in events if e.get('ph') == 'X' and XLA_OP_NAME.match(e.get('name', ''))]
   if not ops:
     raise UserError('the trace holds no XLA operations: this JAX build records none on this device')
+  kinds = [op_kind(event['name']) for event in ops]
+  intervals = [(float(e['ts']), float(e['ts']) + float(e.get('dur', 0))) for e in ops]
   thread_us, count = collections.Counter(), collections.Counter()
-  for event in ops:
-    kind = op_kind(event['name'])
-    thread_us[kind] += event.get('dur', 0)
+  for kind, (start, end) in zip(kinds, intervals):
+    thread_us[kind] += end - start
     count[kind] += 1
-  interval = lambda e: (float(e['ts']), float(e['ts']) + float(e.get('dur', 0)))
   total_us = sum(thread_us.values())
   ms_per_step = lambda us: us / 1000.0 / steps
-  execution_ms = ms_per_step(union_length(interval(e) for e in ops))
-  matmul_ms = ms_per_step(union_length(interval(e) for e in ops if is_matmul(op_kind(e['name']))))
+  execution_ms = ms_per_step(union_length(intervals))
+  matmul_ms = ms_per_step(union_length(span for kind, span in zip(kinds, intervals) if is_matmul(kind)))
   return {
       'op_thread_ms_per_step': ms_per_step(total_us),
       'execution_wall_ms_per_step': execution_ms,
