@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import jax
 from tqdm import tqdm
 
+from stllm_jax.errors import UserError
+
 
 def progress_bar(iterable: Any = None, **kwargs) -> tqdm:
   """A tqdm bar on stderr that redraws every second on a terminal and every 30 s into a log file."""
@@ -32,13 +34,28 @@ class MetricsWriter:
   def write(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, **values}) + '\n')
-    self._tb.write(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+    try:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'step': step, **values}) + '\n')
+      self._tb.write(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+    except OSError as error:
+      raise self._write_failed(error) from None
 
-  def close(self) -> None:
-    if self._tb is not None:
+  def close(self, raise_errors: bool = True) -> None:
+    """Closes the event file; `raise_errors=False` while another error stops the run, which stays the one
+    reported (a full disk fails this close too)."""
+    if self._tb is None:
+      return
+    try:
       self._tb.close()
+    except OSError as error:
+      if raise_errors:
+        raise self._write_failed(error) from None
+
+  def _write_failed(self, error: OSError) -> UserError:
+    return UserError(f'could not write the training metrics in {os.path.dirname(self.path)} '
+                     f'({error.strerror or error}); free space (or fix the directory) and rerun the same command '
+                     'to resume')
 
 
 class TensorBoardScalars:

@@ -252,7 +252,7 @@ def loop(run: Run) -> LoopEnd:
       saver.wait()
     finally:
       run.close()
-      writer.close()
+      writer.close(raise_errors=sys.exc_info()[1] is None)  # an error already stopping the run is the one reported
   return LoopEnd(last=last, done=done, signal=stop['signal'], skips=skips.summary())
 
 

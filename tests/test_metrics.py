@@ -9,10 +9,12 @@ import sys
 
 import jax_env
 import numpy as np
+import pytest
 from tensorboardX import record_writer
 from tensorboardX.proto import event_pb2
 
 from stllm_jax import metrics
+from stllm_jax.errors import UserError
 
 
 def read_records(path):
@@ -44,6 +46,19 @@ def test_tensorboard_reads_every_scalar_with_its_step(tmp_path):
                          (10, 'compiled_steps', 3.0)]
   assert scalars[4][:2] == (20, 'loss') and np.isnan(scalars[4][2]) and scalars[5] == (20, 'kept_tokens', 1234567.0)
   assert all(e.wall_time > 1.7e9 for e in events)
+
+
+def test_a_full_disk_is_one_message_and_a_close_during_another_error_stays_quiet(tmp_path):
+  writer = metrics.MetricsWriter(str(tmp_path))
+  writer._tb._file = open('/dev/full', 'ab')  # pylint: disable=protected-access  # every flush: ENOSPC
+  with pytest.raises(UserError, match=r'could not write the training metrics in .* \(No space left on device\)'):
+    writer.write(1, {'loss': 1.0})
+  writer.close(raise_errors=False)  # the run's own error stands
+  writer = metrics.MetricsWriter(str(tmp_path))
+  writer._tb._file = open('/dev/full', 'ab')  # pylint: disable=protected-access
+  writer._tb._file.write(b'unflushed')  # pylint: disable=protected-access
+  with pytest.raises(UserError, match='No space left on device'):
+    writer.close()
 
 
 def test_masked_crc32c_matches_tensorboard_on_every_length():
