@@ -222,7 +222,7 @@ def test_batch_format(good_config, tokenizer_dirs):
   tok = conversation.load_llm_tokenizer(tokenizer_dirs[0])
   with pipeline.make_train_iterator(good_config, 0, 1) as iterator:
     batches = take(iterator, 2)
-  expected = dict(frames=((4, 4, 32, 32, 3), np.float32), num_real_frames=((4,), np.int32), sample_index=((4,), np.int64), dataset_index=((4,), np.int32),
+  expected = dict(frames=((4, 4, 32, 32, 3), np.uint8), num_real_frames=((4,), np.int32), sample_index=((4,), np.int64), dataset_index=((4,), np.int32),
                   qa_index=((4,), np.int32), epoch=((4,), np.int32), text_truncated=((4,), np.int32))
   for batch in batches:
     for key, (shape, dtype) in expected.items():
@@ -235,7 +235,7 @@ def test_batch_format(good_config, tokenizer_dirs):
     assert np.all(batch['input_ids'][:, 0] == tok.convert_tokens_to_ids('</s>'))
     assert np.all(batch['answer_mask'] <= batch['attention_mask'])
     assert np.all(batch['input_ids'][batch['attention_mask'] == 0] == tok.pad_token_id)
-    assert -1.8 < batch['frames'].min() and batch['frames'].max() < 2.2
+    assert batch['frames'].min() < 64 and batch['frames'].max() > 192  # RGB crops of the test videos
     for b in range(4):
       row = rows[batch['sample_index'][b]]
       qa = row['QA'][batch['qa_index'][b]]

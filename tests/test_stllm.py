@@ -10,6 +10,7 @@ import torch
 
 from conftest import convert, hf_llm_logits, hf_visual_tokens, random_batch, torch_images
 from stllm_jax.convert import strict
+from stllm_jax.data import transforms
 from stllm_jax.models import stllm
 from stllm_jax.models.stllm import STLLM
 
@@ -73,6 +74,27 @@ def test_batch_mistakes_are_named(converted, rng):
     model.apply({'params': params}, dict(batch, frames=batch['frames'][:, 0]))
   with pytest.raises(ValueError, match='input_ids.*attention_mask'):
     model.apply({'params': params}, dict(batch, attention_mask=batch['attention_mask'][:, :3]))
+  with pytest.raises(ValueError, match='frames.*uint8 RGB or normalised float.*int32'):
+    model.apply({'params': params}, dict(batch, frames=batch['frames'].astype(np.int32)))
+
+
+def test_uint8_frames_are_normalised_on_the_device_to_the_hosts_bits(converted, rng):
+  every_value = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]
+  on_device = np.asarray(jax.jit(stllm.normalized_frames)(every_value))
+  assert on_device.dtype == np.float32
+  np.testing.assert_array_equal(on_device, transforms.normalize(every_value))
+  floats = rng.standard_normal((2, 3)).astype(np.float32)
+  assert stllm.normalized_frames(floats) is floats  # float frames are normalised already
+  cfg, params = converted
+  batch = random_batch(rng, stllm.model_config(cfg), num_frames=2)
+  pixels = rng.integers(0, 256, batch['frames'].shape, dtype=np.uint8)
+  apply = jax.jit(STLLM(cfg).apply)
+  from_pixels = apply({'params': params}, dict(batch, frames=pixels))
+  from_floats = apply({'params': params}, dict(batch, frames=transforms.normalize(pixels)))
+  # The same frames reach the vision tower; XLA fuses the two programs differently after it (float rounding).
+  np.testing.assert_allclose(from_pixels, from_floats, rtol=0, atol=1e-5)
+  assert not np.allclose(from_pixels, apply({'params': params}, dict(batch, frames=pixels.astype(np.float32))),
+                         atol=1e-2)  # uint8 values read as floats would be unnormalised frames
 
 
 def test_config_typos_and_bad_values_are_named():

@@ -81,7 +81,7 @@ def test_every_video_carries_its_tower_texts(demo_set):
       length = frames.qformer_attention_mask[n, q].sum()
       assert tokenizer.decode(frames.qformer_input_ids[n, q, :length], skip_special_tokens=True) == text.lower()
   batch = tower_pretraining.sample_frames(frames, np.random.default_rng(0), 5)
-  assert batch['frames'].shape == (5, 1, 64, 64, 3) and batch['frames'].dtype == np.float32
+  assert batch['frames'].shape == (5, 1, 64, 64, 3) and batch['frames'].dtype == np.uint8
   length = config.data.qformer_max_length
   assert batch['qformer_input_ids'].shape == batch['qformer_attention_mask'].shape == (5, length)
   assert batch['centres'].shape == (5, 2) and np.abs(batch['centres']).max() <= 1

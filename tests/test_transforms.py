@@ -91,12 +91,12 @@ def test_normalisation_is_float32_x_times_scale_minus_offset_to_the_bit():
 
 def test_full_transforms_shapes_and_dtypes():
   frames = helpers.pattern_frames(3, 90, 160)
-  train = transforms.train_transform(frames, np.random.default_rng(0), 224)
+  train = transforms.train_crop(frames, np.random.default_rng(0), 224)
+  assert train.shape == (3, 224, 224, 3) and train.dtype == np.uint8  # the model normalises training crops
   evaluation = transforms.eval_transform(frames, 224)
-  for out in (train, evaluation):
-    assert out.shape == (3, 224, 224, 3) and out.dtype == np.float32
-    assert np.isfinite(out).all()
-    assert out.min() >= -1.8 and out.max() <= 2.2  # the CLIP-normalised range of uint8 input
+  assert evaluation.shape == (3, 224, 224, 3) and evaluation.dtype == np.float32
+  assert np.isfinite(evaluation).all()
+  assert evaluation.min() >= -1.8 and evaluation.max() <= 2.2  # the CLIP-normalised range of uint8 input
 
 
 def test_load_video_for_inference(tmp_path):

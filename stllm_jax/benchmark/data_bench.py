@@ -6,7 +6,7 @@
 1. writes `--videos` H.264 mp4 files of `--seconds` each (a textured scene panning under a moving box,
    x264 `veryfast`, keyframe interval `--gop`) into `--dir` (kept and reused between runs);
 2. times one process loading training samples directly (probe + seek/decode 16 `rand` frames, then the
-   shared RandomResizedCrop to 224 + normalisation), split into decode and transform, in wall-clock and
+   shared RandomResizedCrop to 224; the model normalises the uint8 crops on the device), split into decode and transform, in wall-clock and
    in CPU time (the CPU figure is what one worker on an idle core would reach);
 3. runs the real training iterator (grain, `rand` sampling, batches of `--batch-size`) with 0 workers
    (decoding in the main process: the per-worker rate) and with each `--workers` count, timing batches
@@ -103,7 +103,7 @@ def time_direct(config, names: list[str], repeats: int) -> dict[str, float]:
       clip = video.load_clip(os.path.join(spec.media_root, name), spec.num_frames, 'rand', rng=rng,
                              threads=cfg.decode_threads)
       decoded = time.perf_counter()
-      transforms.train_transform(clip.frames, rng, cfg.image_size, cfg.crop_scale)
+      transforms.train_crop(clip.frames, rng, cfg.image_size, cfg.crop_scale)
       transform_s += time.perf_counter() - decoded
       decode_s += decoded - began
       count += 1

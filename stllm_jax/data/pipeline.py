@@ -5,7 +5,8 @@
     B slots of batch k --collate (bucketed padding)--> batch k
 
 Batch (all numpy; shapes fixed per (T, text bucket L, Q-Former bucket Lq); every sample from one dataset):
-    frames                  float32 [B, T, S, S, 3]  CLIP-normalised, channels-last (S = data.image_size)
+    frames                  uint8   [B, T, S, S, 3]  RGB crops, channels-last (S = data.image_size); the model
+                                                     normalises them on the device (transforms.UINT8_NORMALIZED)
     qformer_input_ids       int32   [B, Lq]          BERT ids of "{instruction} {question}", right-padded
     qformer_attention_mask  int32   [B, Lq]
     input_ids               int32   [B, L]           "</s>###Human: ... ###Assistant: {answer}</s>" + [PAD]

@@ -1,7 +1,7 @@
 """One training sample: annotation row -> frames and token ids (runs inside the data workers).
 
     raw row --parse_row--> Row --pick one QA pair (rng)--> text ids, answer mask, Q-Former ids
-            --load_clip(rand, T, start/end)--> uint8 [T, H, W, 3] --train_transform--> float32 [T, S, S, 3]
+            --load_clip(rand, T, start/end)--> uint8 [T, H, W, 3] --train_crop--> uint8 [T, S, S, 3]
 
 Text is encoded before the video is decoded, so a row that fails on its text costs no decoding.
 Any unusable input raises SampleError (see errors.py); the caller counts it and draws a replacement.
@@ -36,7 +36,7 @@ class SampleOptions:
 
 def load_training_sample(raw: Any, media_root: str, num_frames: int, folder_fps: float,
                          rng: np.random.Generator, options: SampleOptions) -> dict[str, Any]:
-  """Arrays of one sample: frames float32 [T, S, S, 3], input_ids / answer_mask int32 [n],
+  """Arrays of one sample: frames uint8 [T, S, S, 3] (the model normalises them), input_ids / answer_mask int32 [n],
   qformer_input_ids int32 [m], and int metadata (num_real_frames, qa_index, text_truncated,
   qformer_truncated)."""
   row = annotations.parse_row(raw)
@@ -54,7 +54,7 @@ def load_training_sample(raw: Any, media_root: str, num_frames: int, folder_fps:
                          threads=options.decode_threads,
                          cache=video.DecodedVideos.shared(options.video_cache_bytes) if options.video_cache_bytes
                          else None)
-  frames = transforms.train_transform(clip.frames, rng, options.image_size, options.crop_scale)
+  frames = transforms.train_crop(clip.frames, rng, options.image_size, options.crop_scale)
   return dict(frames=frames, input_ids=text.input_ids, answer_mask=text.answer_mask,
               qformer_input_ids=qformer_ids, num_real_frames=clip.num_real_frames, qa_index=qa_index,
               text_truncated=text.truncated_tokens, qformer_truncated=qformer_dropped)

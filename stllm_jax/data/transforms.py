@@ -1,8 +1,13 @@
-"""Frame transforms: uint8 video frames -> CLIP-normalised float32, channels-last.
+"""Frame transforms: uint8 video frames -> crops, and CLIP normalisation to float32, channels-last.
 
     training:   uint8 [T, H, W, 3] --one RandomResizedCrop(size, scale 0.5-1.0, bicubic) for all T frames-->
+                uint8 [T, size, size, 3] (normalised on the device by the model: `UINT8_NORMALIZED`)
     evaluation: uint8 [T, H, W, 3] --resize shorter side to size (bicubic) + centre crop-->
                 uint8 [T, size, size, 3] --/255, CLIP mean/std--> float32 [T, size, size, 3]
+
+Training batches carry uint8 frames (a quarter of float32's bytes from the data workers to the device); the model
+normalises them with `UINT8_NORMALIZED`, `normalize`'s value of every uint8 in each channel, so a frame reaches
+the vision tower with the same float32 bits whichever side normalised it.
 
 The crop box follows torchvision's RandomResizedCrop (10 tries of a random area and log-uniform aspect
 ratio, then a centre crop with the ratio clamped); resampling is Pillow's bicubic (antialiased when
@@ -97,10 +102,7 @@ def normalize(frames: np.ndarray) -> np.ndarray:
   return out
 
 
-def train_transform(frames: np.ndarray, rng: np.random.Generator, size: int = 224,
-                    scale: tuple[float, float] = DEFAULT_SCALE) -> np.ndarray:
-  """uint8 [T, H, W, 3] -> float32 [T, size, size, 3] for training."""
-  return normalize(train_crop(frames, rng, size, scale))
+UINT8_NORMALIZED = normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))  # float32 [256, 3]
 
 
 def eval_transform(frames: np.ndarray, size: int = 224) -> np.ndarray:

@@ -101,14 +101,14 @@ def load_frame_set(data_dir: str, facts: Sequence[Mapping[str, Any]], image_size
 
 
 def sample_frames(frame_set: FrameSet, rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray]:
-  """Random frames, each with one of its video's Q-Former texts: frames float32 [B, 1, S, S, 3]
-  (CLIP-normalised), qformer_input_ids / qformer_attention_mask [B, L] (named as in the model's batch),
+  """Random frames, each with one of its video's Q-Former texts: frames uint8 [B, 1, S, S, 3] (the model
+  normalises them), qformer_input_ids / qformer_attention_mask [B, L] (named as in the model's batch),
   centres [B, 2], shapes [B], colours [B]."""
   n, t = frame_set.frames.shape[:2]
   videos = rng.integers(n, size=batch_size)
   times = rng.integers(t, size=batch_size)
   texts = rng.integers(frame_set.qformer_input_ids.shape[1], size=batch_size)
-  return dict(frames=transforms.normalize(frame_set.frames[videos, times])[:, None],
+  return dict(frames=frame_set.frames[videos, times][:, None],
               qformer_input_ids=frame_set.qformer_input_ids[videos, texts],
               qformer_attention_mask=frame_set.qformer_attention_mask[videos, texts],
               centres=frame_set.centres[videos, times], shapes=frame_set.shapes[videos],
@@ -155,7 +155,7 @@ def evaluate(model: stllm.STLLM, params: Mapping[str, Any], frame_set: FrameSet,
     chunk = flat[first:first + batch_size]
     rows = np.arange(first, first + len(chunk))  # flat frame indices
     video_index, text_index = rows // t, rows % frame_set.qformer_input_ids.shape[1]
-    batch = dict(frames=transforms.normalize(pad(chunk))[:, None],
+    batch = dict(frames=pad(chunk)[:, None],
                  qformer_input_ids=pad(frame_set.qformer_input_ids[video_index, text_index]),
                  qformer_attention_mask=pad(frame_set.qformer_attention_mask[video_index, text_index]))
     centre, shape_logits, colour_logits = (np.asarray(x)[:len(chunk)] for x in predict(params, batch))

@@ -12,7 +12,8 @@ separators and no frame or time embeddings: RoPE over the flat sequence carries 
 step composes the same methods with the dynamic-masking gather between `visual_tokens` and `embed_inputs`.
 
 Contract (stable): `STLLM(config.model).apply({'params': params}, batch)` with `batch` holding
-`frames` float [B, T, H, W, 3] (normalised, channels-last), `qformer_input_ids` / `qformer_attention_mask`
+`frames` [B, T, H, W, 3] channels-last, uint8 RGB (normalised here, `normalized_frames`) or float already
+normalised (`transforms.normalize`), `qformer_input_ids` / `qformer_attention_mask`
 int32 [B, Lq], `input_ids` / `attention_mask` int32 [B, L] (the text after the visual tokens); it returns
 float32 logits [B, Nv + L, vocab].
 
@@ -35,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from stllm_jax import configlib
+from stllm_jax.data import transforms
 from stllm_jax.models import layers
 from stllm_jax.models.bt_adapter import BTAdapter
 from stllm_jax.models.eva_vit import EVAViT, VisionConfig
@@ -102,6 +104,15 @@ def local_frame_indices(num_frames: int, num_local: int) -> np.ndarray:
   return np.array([int(seg / 2 + np.round(seg * i)) for i in range(num_local)], np.int32)
 
 
+def normalized_frames(frames: Array) -> Array:
+  """uint8 RGB frames -> CLIP-normalised float32 by table lookup (`transforms.UINT8_NORMALIZED`): the same bits as
+  `transforms.normalize` on the host, on every backend (arithmetic here could be contracted into FMAs). Float
+  frames are taken as normalised already and returned as they are."""
+  if frames.dtype != jnp.uint8:
+    return frames
+  return jnp.asarray(transforms.UINT8_NORMALIZED)[frames.astype(jnp.int32), jnp.arange(3)]  # [..., 3] float32
+
+
 def check_batch(batch: Mapping[str, Any]) -> None:
   """Names any missing key or inconsistent shape in a model batch."""
   missing = [k for k in BATCH_KEYS if k not in batch]
@@ -110,6 +121,8 @@ def check_batch(batch: Mapping[str, Any]) -> None:
   frames = batch['frames']
   if frames.ndim != 5:
     raise ValueError(f'batch["frames"] must be [B, T, H, W, 3], got shape {tuple(frames.shape)}')
+  if not (frames.dtype == np.uint8 or jnp.issubdtype(frames.dtype, jnp.floating)):
+    raise ValueError(f'batch["frames"] must be uint8 RGB or normalised float frames, got {frames.dtype}')
   b = frames.shape[0]
   for pair in (('qformer_input_ids', 'qformer_attention_mask'), ('input_ids', 'attention_mask')):
     shapes = [tuple(batch[k].shape) for k in pair]
@@ -149,10 +162,10 @@ class STLLM(nn.Module):
       self.mvm_norm = layers.LayerNorm(cfg.mvm_norm_eps, dtype=dtype, param_dtype=pdt)
 
   def vision_tokens(self, frames: Array, deterministic: bool = True) -> Array:
-    """frames [B, T, H, W, 3] -> the vision tower's tokens [B*T, 257, Dv] (before ln_vision), through the
-    BT-Adapter when the model has one (it sees the T frames of each video together)."""
+    """frames [B, T, H, W, 3] (uint8 or normalised float) -> the vision tower's tokens [B*T, 257, Dv] (before
+    ln_vision), through the BT-Adapter when the model has one (it sees the T frames of each video together)."""
     b, t = frames.shape[:2]
-    images = frames.reshape(b * t, *frames.shape[2:])  # [B*T, H, W, 3]
+    images = normalized_frames(frames).reshape(b * t, *frames.shape[2:])  # [B*T, H, W, 3]
     depth = self.cfg.vision.bt_adapter.depth
     if not depth:
       return self.vision(images)
