@@ -140,9 +140,17 @@ class Run:
   total_steps: int
   log: Callable[[str], None]
 
-  def close(self) -> None:
-    self.checkpoints.close()
-    self.data.close()
+  def close(self, raise_errors: bool = True) -> None:
+    """Closes the checkpoints (waiting for a pending save) and the data (its worker processes): both, whatever the
+    first raises. raise_errors=False while another error is stopping the run: that error is the one reported."""
+    errors = []
+    for close in (self.checkpoints.close, self.data.close):
+      try:
+        close()
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append(error)
+    if errors and raise_errors:
+      raise errors[0]
 
 
 class LoopEnd(NamedTuple):
@@ -251,8 +259,11 @@ def loop(run: Run) -> LoopEnd:
     try:
       saver.wait()
     finally:
-      run.close()
-      writer.close(raise_errors=sys.exc_info()[1] is None)  # an error already stopping the run is the one reported
+      quiet = sys.exc_info()[1] is not None  # an error already stopping the run is the one reported
+      try:
+        run.close(raise_errors=not quiet)
+      finally:
+        writer.close(raise_errors=not quiet and sys.exc_info()[1] is None)
   return LoopEnd(last=last, done=done, signal=stop['signal'], skips=skips.summary())
 
 

@@ -3,6 +3,7 @@
 The command runs in this process (command_helpers.run_train, 8 simulated devices from conftest) except where it
 must be a process of its own: the run killed by SIGKILL, and the check that the command imports no torch."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -173,6 +174,30 @@ class NaNBatches:
     return getattr(self.inner, name)
 
 
+class FailingClose:
+  """Stands in for the checkpoints or the data of a Run: its close raises (a full disk, a dead worker)."""
+
+  def __init__(self, calls, name):
+    self.calls, self.name = calls, name
+
+  def close(self):
+    self.calls.append(self.name)
+    raise OSError(f'{self.name} could not close')
+
+
+def test_closing_a_run_closes_both_parts_and_raises_only_when_asked():
+  for raise_errors in (True, False):
+    calls = []
+    run = train.Run(**{f.name: None for f in dataclasses.fields(train.Run)})
+    run.checkpoints, run.data = FailingClose(calls, 'checkpoints'), FailingClose(calls, 'data')
+    if raise_errors:
+      with pytest.raises(OSError, match='checkpoints could not close'):
+        run.close()
+    else:
+      run.close(raise_errors=False)
+    assert calls == ['checkpoints', 'data']
+
+
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, tiny_config, monkeypatch):
   config = tiny_config()
   config.mesh = 'fsdp=1'
@@ -181,9 +206,15 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, tiny_config,
   config.train.masking.low = 0.3
   config.data.text_buckets = (16,)
   make_data = train.make_data
-  monkeypatch.setattr(train, 'make_data', lambda *a: NaNBatches(make_data(*a)))
+  data = []
+  monkeypatch.setattr(train, 'make_data', lambda *a: data.append(NaNBatches(make_data(*a))) or data[0])
+  closes = []
+  failing = FailingClose(closes, 'data')
+  monkeypatch.setattr(NaNBatches, 'close', lambda self: (self.inner.close(), failing.close()), raising=False)
+  # The data's close fails too as the run stops: the run's own error is still the one reported.
   with pytest.raises(UserError, match=r'3 steps in a row were rejected \(the last, step 3: non-finite loss or gradient\)'):
     train.train(config, str(tmp_path))
+  assert closes == ['data']
   records = read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['nonfinite_steps'] for r in records] == [1, 1, 1]
   # the checkpoint at step 2 holds the untouched (finite) initial params
