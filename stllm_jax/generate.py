@@ -376,7 +376,7 @@ def prefix_bucket(length: int, bucket: int = PREFIX_BUCKET) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  frames: np.ndarray  # float32 [T, S, S, 3], normalised
+  frames: np.ndarray  # [T, S, S, 3]: uint8 RGB (inference.InferenceVideo's) or float CLIP-normalised
   qformer_text: str  # what the Q-Former reads
   prompt_ids: np.ndarray  # int32 [n]: the text after the visual tokens ('</s>###Human: ... ###Assistant: ...')
 
@@ -447,7 +447,8 @@ class VideoGenerator:
       return jax.lax.dynamic_slice_in_dim(tokens, skip, length, axis=1)
 
     args = (self.params, batch, np.int32(skip))
-    program, compile_seconds = self._program(('visual', frames.shape, qids.shape, length), encode, *args)
+    program, compile_seconds = self._program(('visual', frames.shape, frames.dtype.name, qids.shape, length), encode,
+                                             *args)
     return program(*args), cfg.num_visual_tokens(frames.shape[0]) - skip, compile_seconds
 
   def _hand_over_tokens(self, steps: Any, tokens: Any) -> None:

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-impo
 from PIL import Image  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from stllm_jax import chat, checkpoints, generate  # noqa: E402  pylint: disable=wrong-import-position
-from stllm_jax.data import conversation, inference, transforms  # noqa: E402  pylint: disable=wrong-import-position
+from stllm_jax.data import conversation, inference  # noqa: E402  pylint: disable=wrong-import-position
 from stllm_jax.data.errors import SampleError  # noqa: E402  pylint: disable=wrong-import-position
 from stllm_jax.errors import UserError, exit_with  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -136,10 +136,8 @@ def decoding_config(decoding: str, num_beams: int, temperature: float, top_p: fl
 
 
 def thumbnails(loaded: inference.InferenceVideo) -> list[tuple[np.ndarray, str]]:
-  """The frames the model sees (CLIP normalisation undone) as uint8 images [S, S, 3], captioned with their time."""
-  pixels = np.clip(np.rint((loaded.frames * transforms.CLIP_STD + transforms.CLIP_MEAN) * 255), 0, 255)
-  times = inference.frame_times(loaded)
-  return [(frame, f'{seconds:.1f} s') for frame, seconds in zip(pixels.astype(np.uint8), times)]
+  """The frames the model sees, as uint8 images [S, S, 3] captioned with their time."""
+  return [(frame, f'{seconds:.1f} s') for frame, seconds in zip(loaded.frames, inference.frame_times(loaded))]
 
 
 def strip_html(frames: list[tuple[np.ndarray, str]]) -> str:

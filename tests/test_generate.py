@@ -12,7 +12,7 @@ import torch
 import inference_helpers
 from conftest import hf_visual_tokens, random_batch, torch_images
 from stllm_jax import generate
-from stllm_jax.data import conversation, inference
+from stllm_jax.data import conversation, inference, transforms
 from stllm_jax.generate import GenerationConfig, SpecialIds
 from stllm_jax.models import llama, stllm
 from stllm_jax.models.llama import Llama
@@ -241,6 +241,20 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(converted, rng):
   first, again, other = (ours(converted, batch, hot, seed=s) for s in (1, 1, 2))
   assert first == again
   assert first != other
+
+
+def test_a_video_as_uint8_or_as_normalised_floats_gives_the_same_visual_tokens():
+  paths = inference_helpers.build()
+  generator = generate.load_generator(paths.checkpoint)
+  loaded = inference.load_video_with_policy(paths.video, inference.FramePolicy('middle', 4),
+                                            generator.config.vision.image_size)
+  assert loaded.frames.dtype == np.uint8
+  length = generator.config.num_visual_tokens(4)
+  tokens = {}
+  for name, frames in (('floats', transforms.normalize(loaded.frames)), ('uint8', loaded.frames)):  # same shape
+    tokens[name], count, _ = generator.visual_tokens(frames, 'What moves?', length)
+    assert count == length
+  np.testing.assert_allclose(tokens['uint8'], tokens['floats'], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize('beams', [1, 3])

@@ -92,20 +92,21 @@ def test_normalisation_is_float32_x_times_scale_minus_offset_to_the_bit():
 def test_full_transforms_shapes_and_dtypes():
   frames = helpers.pattern_frames(3, 90, 160)
   train = transforms.train_crop(frames, np.random.default_rng(0), 224)
-  assert train.shape == (3, 224, 224, 3) and train.dtype == np.uint8  # the model normalises training crops
-  evaluation = transforms.eval_transform(frames, 224)
-  assert evaluation.shape == (3, 224, 224, 3) and evaluation.dtype == np.float32
-  assert np.isfinite(evaluation).all()
-  assert evaluation.min() >= -1.8 and evaluation.max() <= 2.2  # the CLIP-normalised range of uint8 input
+  evaluation = transforms.eval_resize_crop(frames, 224)
+  for out in (train, evaluation):  # the model normalises them
+    assert out.shape == (3, 224, 224, 3) and out.dtype == np.uint8
+  normalised = transforms.normalize(evaluation)
+  assert normalised.dtype == np.float32 and np.isfinite(normalised).all()
+  assert normalised.min() >= -1.8 and normalised.max() <= 2.2  # the CLIP-normalised range of uint8 input
 
 
 def test_load_video_for_inference(tmp_path):
   frames = helpers.pattern_frames(40)
   path = helpers.write_video(str(tmp_path / 'v.mp4'), frames)
   middle = inference.load_video_for_inference(path, num_frames=8, image_size=56)
-  assert middle.frames.shape == (8, 56, 56, 3) and middle.frames.dtype == np.float32
+  assert middle.frames.shape == (8, 56, 56, 3) and middle.frames.dtype == np.uint8
   np.testing.assert_array_equal(middle.indices, [2, 7, 12, 17, 22, 26, 31, 36])  # video.segment_middles(40, 8)
-  expected = transforms.eval_transform(helpers.decode_all(path)[middle.indices], 56)
+  expected = transforms.eval_resize_crop(helpers.decode_all(path)[middle.indices], 56)
   np.testing.assert_array_equal(middle.frames, expected)
   by_fps = inference.load_video_for_inference(path, sampling='fps', start=0.0, end=2.5, image_size=32)
   # 25 frames = 2.5 s -> 4 frames (the minimum); seg 24 / 4 = 6: ends 0, 6, 12, 18, 24 -> middles 3, 9, 15, 21

@@ -1,7 +1,7 @@
 """One video -> model-ready frames for chat and evaluation (MVBench, zero-shot QA).
 
     path (+ start/end seconds) --load_clip(middle | fps) or mvbench_indices--> uint8 [T, H, W, 3]
-      --eval_transform (shorter side to S, bicubic, centre crop, CLIP mean/std)--> float32 [T, S, S, 3]
+      --eval_resize_crop (shorter side to S, bicubic, centre crop)--> uint8 [T, S, S, 3] (the model normalises)
 
 Chat and zero-shot QA take the released `get_seq_frames` frames (`video.segment_middles`): `middle` takes
 num_frames of them, `fps` one per second of the clip, T clipped to `fps_range`; a video with fewer frames gives
@@ -26,7 +26,7 @@ MVBENCH_GIF_FPS = 25.0  # the released MVBench reader times every GIF at 25 fps
 
 @dataclasses.dataclass(frozen=True)
 class InferenceVideo:
-  frames: np.ndarray  # float32 [T, S, S, 3], CLIP-normalised, channels-last
+  frames: np.ndarray  # uint8 [T, S, S, 3] RGB, channels-last (the model CLIP-normalises them)
   indices: np.ndarray  # int64 [T]: frame indices in the video
   num_real_frames: int  # distinct frames among the T
   fps: float
@@ -43,7 +43,7 @@ def load_video_for_inference(path: str, *, sampling: str = 'middle', num_frames:
     raise ValueError(f'inference sampling must be one of {INFERENCE_SAMPLING}, got {sampling!r}')
   clip = video.load_clip(path, num_frames, sampling, start=start, end=end, fps_range=fps_range,
                          folder_fps=folder_fps, min_frames=min_frames, max_pixels=max_pixels, threads=threads)
-  return InferenceVideo(transforms.eval_transform(clip.frames, image_size), clip.indices, clip.num_real_frames,
+  return InferenceVideo(transforms.eval_resize_crop(clip.frames, image_size), clip.indices, clip.num_real_frames,
                         clip.fps, clip.duration_s)
 
 
@@ -129,7 +129,7 @@ def load_mvbench_video(path: str, data_type: str, policy: FramePolicy, image_siz
   indices = video.mvbench_indices(first, last, fps, fixed, policy.fps_range, start_s=start, end_s=end) - first
   bounded = start is not None and end is not None
   frames = video.read_frames(media, indices, threads)
-  return InferenceVideo(transforms.eval_transform(frames, image_size), indices, len(np.unique(indices)), fps,
+  return InferenceVideo(transforms.eval_resize_crop(frames, image_size), indices, len(np.unique(indices)), fps,
                         end - start if bounded else media.num_frames / fps)
 
 

@@ -1,13 +1,12 @@
-"""Frame transforms: uint8 video frames -> crops, and CLIP normalisation to float32, channels-last.
+"""Frame transforms: uint8 video frames -> uint8 crops, channels-last; CLIP normalisation to float32.
 
     training:   uint8 [T, H, W, 3] --one RandomResizedCrop(size, scale 0.5-1.0, bicubic) for all T frames-->
-                uint8 [T, size, size, 3] (normalised on the device by the model: `UINT8_NORMALIZED`)
     evaluation: uint8 [T, H, W, 3] --resize shorter side to size (bicubic) + centre crop-->
-                uint8 [T, size, size, 3] --/255, CLIP mean/std--> float32 [T, size, size, 3]
+                uint8 [T, size, size, 3]  (--/255, CLIP mean/std--> float32 on the device, by the model)
 
-Training batches carry uint8 frames (a quarter of float32's bytes from the data workers to the device); the model
-normalises them with `UINT8_NORMALIZED`, `normalize`'s value of every uint8 in each channel, so a frame reaches
-the vision tower with the same float32 bits whichever side normalised it.
+Batches and inference videos carry uint8 frames (a quarter of float32's bytes from the data workers to the
+device); the model normalises them with `UINT8_NORMALIZED`, `normalize`'s value of every uint8 in each channel, so
+a frame reaches the vision tower with the same float32 bits whichever side normalised it.
 
 The crop box follows torchvision's RandomResizedCrop (10 tries of a random area and log-uniform aspect
 ratio, then a centre crop with the ratio clamped); resampling is Pillow's bicubic (antialiased when
@@ -104,7 +103,3 @@ def normalize(frames: np.ndarray) -> np.ndarray:
 
 UINT8_NORMALIZED = normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))  # float32 [256, 3]
 
-
-def eval_transform(frames: np.ndarray, size: int = 224) -> np.ndarray:
-  """uint8 [T, H, W, 3] -> float32 [T, size, size, 3] for evaluation and chat."""
-  return normalize(eval_resize_crop(frames, size))
