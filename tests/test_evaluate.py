@@ -103,12 +103,14 @@ def test_mvbench_items_read_every_media_kind_and_bounds(paths):
   # 1 s -> 4 frames (the minimum), seg 8 / 4 = 2: int(4 + 1 + 2k) = 5, 7, 9, 11
   loaded = load(bounded.video, bounded)
   np.testing.assert_array_equal(loaded.indices, [5, 7, 9, 11])
-  np.testing.assert_array_equal(loaded.frames, transforms.eval_resize_crop(decode_all(bounded.video)[[5, 7, 9, 11]], 56))
+  np.testing.assert_array_equal(loaded.frames,
+                                transforms.eval_resize_crop(decode_all(bounded.video)[[5, 7, 9, 11]], 56))
   # The same 16 frames as PNG files 00001..00016 read at 3 fps, bounds 1.0-4.5 s: start round(3.0) = 3, end
   # round(13.5) = 14, 3.5 s -> 4 frames, seg 11 / 4 = 2.75: int(4.375 + 0, 3, 6, 8) = files 4, 7, 10, 12
   loaded = load(folder.video, folder)
   np.testing.assert_array_equal(loaded.indices, [3, 6, 9, 11])  # files 00004.png ... counted from 0
-  np.testing.assert_array_equal(loaded.frames, transforms.eval_resize_crop(decode_all(bounded.video)[[3, 6, 9, 11]], 56))
+  np.testing.assert_array_equal(loaded.frames,
+                                transforms.eval_resize_crop(decode_all(bounded.video)[[3, 6, 9, 11]], 56))
   # The GIF, timed at 25 fps as the released reader times every GIF: last frame 15, 0.6 s -> 4 frames,
   # seg 15 / 4 = 3.75: int(1.875 + 0, 4, 8, 11) = 1, 5, 9, 12
   np.testing.assert_array_equal(load(gif.video, gif).indices, [1, 5, 9, 12])

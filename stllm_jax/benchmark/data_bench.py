@@ -6,8 +6,8 @@
 1. writes `--videos` H.264 mp4 files of `--seconds` each (a textured scene panning under a moving box,
    x264 `veryfast`, keyframe interval `--gop`) into `--dir` (kept and reused between runs);
 2. times one process loading training samples directly (probe + seek/decode 16 `rand` frames, then the
-   shared RandomResizedCrop to 224; the model normalises the uint8 crops on the device), split into decode and transform, in wall-clock and
-   in CPU time (the CPU figure is what one worker on an idle core would reach);
+   shared RandomResizedCrop to 224, uint8: the model normalises on the device), split into decode and
+   transform, in wall-clock and in CPU time (the CPU figure is what one worker on an idle core would reach);
 3. runs the real training iterator (grain, `rand` sampling, batches of `--batch-size`) with 0 workers
    (decoding in the main process: the per-worker rate) and with each `--workers` count, timing batches
    after the first one (worker start-up excluded).
