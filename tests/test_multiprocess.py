@@ -36,6 +36,7 @@ from stllm_jax.models import stllm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny.py')
+PYTHON_DIR = os.path.dirname(sys.executable)  # not resolved: a virtual environment's bin/ is the point
 STEPS = 6
 TRAIN_ARGS = [f'--config.train.steps={STEPS}', '--config.train.checkpoint_every=3', '--config.train.log_every=1',
               '--config.train.masking.keep_buckets=(0.7,)', '--config.data.text_buckets=(16,)',
@@ -92,10 +93,12 @@ def free_port(low=1024, high=65535):
 @pytest.fixture(scope='module')
 def base_env():
   """CPU only, this checkout importable, the session's compilation cache (conftest); no JAX_* or SLURM_* variable
-  of whatever runs the tests."""
+  of whatever runs the tests. The launch scripts call `python`: PATH starts with this interpreter's directory, so
+  they run the Python that runs the tests (its packages), even when its environment is not activated."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'JAX_COORDINATOR', 'JAX_NUM_PROC',
                                                                     'JAX_PROCESS_ID'))}
-  return dict(env, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, XLA_FLAGS=jax_env.xla_flags(device_count=4))
+  path = os.pathsep.join([PYTHON_DIR, env.get('PATH', os.defpath)])
+  return dict(env, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, XLA_FLAGS=jax_env.xla_flags(device_count=4), PATH=path)
 
 
 @pytest.fixture(scope='module')
@@ -149,7 +152,7 @@ def test_two_processes_train_as_one_through_a_sigkill_and_a_resume(tmp_path, bas
   (hosts_home / 'stllm_jax').symlink_to(ROOT)
   stand_in(bin_dir, 'gcloud', GCLOUD)
   stand_in(bin_dir, 'srun', SRUN)
-  env = dict(base_env, PATH=f'{bin_dir}:{os.environ["PATH"]}')
+  env = dict(base_env, PATH=f'{bin_dir}{os.pathsep}{base_env["PATH"]}')
 
   # 1. A TPU pod slice of 2 hosts; both are killed (SIGKILL) once step 4 is logged and checkpoint 3 is on disk.
   pids = tmp_path / 'worker_pids'
