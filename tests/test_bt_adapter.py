@@ -196,10 +196,10 @@ def test_adapter_config_is_validated():
   assert stllm.model_config(cfg).vision.bt_adapter.drop_path_rates() == (0.0, 0.05, 0.1)
 
 
-@pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
-def test_vit_returns_its_last_blocks_with_the_same_params(tiny_config, rng, scan):
+@pytest.mark.parametrize('scan, unroll', [(True, 1), (True, 3), (False, 1)], ids=['scan', 'scan-no-loop', 'unrolled'])
+def test_vit_returns_its_last_blocks_with_the_same_params(tiny_config, rng, scan, unroll):
   config = tiny_config().model
-  config.vision.update(depth=3, scan_layers=scan, remat_policy='full')
+  config.vision.update(depth=3, scan_layers=scan, scan_unroll=unroll, remat_policy='full')
   vision_cfg = stllm.model_config(config).vision
   images = jnp.asarray(rng.standard_normal((2, 56, 56, 3)), jnp.float32)
   model = EVAViT(vision_cfg)

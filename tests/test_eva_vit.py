@@ -29,6 +29,11 @@ def test_vision_tower_matches_hugging_face(hf_instructblip, parity, rng, scan):
   assert parity(f'EVA-ViT + ln_vision ({scan_name})', 'float32', vision_tokens(cfg, params, images), final) < 1e-5
 
 
+def test_scan_unroll_below_one_is_named():
+  with pytest.raises(ValueError, match=r'vision.scan_unroll=0: give at least 1'):
+    VisionConfig(scan_unroll=0).validate()
+
+
 def test_vision_tower_bfloat16_error(hf_instructblip, parity, rng):
   cfg, params = convert(hf_instructblip, dtype='bfloat16')
   images = rng.standard_normal((3, 28, 28, 3)).astype(np.float32)

@@ -75,15 +75,16 @@ def text_batch(rng, cfg, num_frames=1, text_len=7, batch_size=1):
 
 
 def test_cached_forward_equals_full_forward(converted, rng):
-  """Prefill 5 tokens, then 4 one at a time: logits equal the uncached forward, scanned and unrolled."""
+  """Prefill 5 tokens, then 4 one at a time: logits equal the uncached forward, scanned (in a loop or unrolled
+  into one body: `scan_unroll`) and unrolled."""
   cfg, params = converted
   llm_cfg = stllm.model_config(cfg).llm
   embeddings = rng.standard_normal((2, 9, llm_cfg.width)).astype(np.float32)
   mask = np.ones((2, 9), np.int32)
   mask[1, :3] = 0  # left padding in row 1
   positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-  for scan in (True, False):
-    model = Llama(dataclasses.replace(llm_cfg, scan_layers=scan))
+  for scan, unroll in ((True, 1), (True, llm_cfg.num_layers), (False, 1)):
+    model = Llama(dataclasses.replace(llm_cfg, scan_layers=scan, scan_unroll=unroll))
     p = params['llm'] if scan else unstack_layers(params['llm'], llm_cfg.num_layers)
     full = model.apply({'params': p}, model.apply({'params': p}, embeddings, mask, positions), method='logits')
 

@@ -3,10 +3,12 @@ remat policies."""
 
 import contextlib
 import dataclasses
+import functools
 import io
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +100,38 @@ def test_scan_and_remat_do_not_change_outputs_or_gradients(rng, remat):
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
   stacked = np.stack([grad_u['blocks'][f'layers_{i}']['mlp']['up']['kernel'] for i in range(3)])
   assert relative_error(grad_s['blocks']['layers']['mlp']['up']['kernel'], stacked) < 1e-5
+
+
+@pytest.mark.parametrize('unroll', [2, 3, 8])
+def test_scan_unroll_keeps_the_params_and_what_they_compute(rng, unroll):
+  """Scanned layers unrolled into the loop's body (2 of the 3 layers per iteration; all 3, or more: no loop) keep
+  the scanned params and their initialisation (the same random bits; their conversion to normals compiles
+  differently, so values may differ in the last bit), and compute the same logits and gradients."""
+  ids, mask = ids_and_mask(rng)
+  looped = llama.LlamaConfig(vocab_size=90, width=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                             max_positions=16)
+  unrolled = dataclasses.replace(looped, scan_unroll=unroll)
+  init = lambda cfg: nn.unbox(Llama(cfg).init(jax.random.key(0), ids, mask, method='forward_ids')['params'])
+  params = init(looped)
+  same = lambda a, b: np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-9)
+  jax.tree_util.tree_map(same, init(unrolled), params)
+
+  def loss(cfg):
+    return lambda p: jnp.mean(Llama(cfg).apply({'params': p}, ids, mask, method='forward_ids') ** 2)
+
+  loss_l, grad_l = jax.jit(jax.value_and_grad(loss(looped)))(params)
+  loss_u, grad_u = jax.jit(jax.value_and_grad(loss(unrolled)))(params)
+  np.testing.assert_allclose(loss_u, loss_l, rtol=1e-6)
+  for path in (('blocks', 'layers', 'mlp', 'up', 'kernel'), ('blocks', 'layers', 'attention', 'query', 'kernel')):
+    get = lambda tree, path=path: functools.reduce(lambda t, k: t[k], path, tree)
+    assert relative_error(get(grad_u), get(grad_l)) < 1e-5
+  program = jax.jit(jax.grad(loss(unrolled))).lower(params).as_text()
+  assert ('while' in program) == (unroll < 3)  # 3 layers in one iteration: XLA gets no loop to run
+
+
+def test_scan_unroll_below_one_is_named():
+  with pytest.raises(ValueError, match=r'llm.scan_unroll=0: give at least 1'):
+    llama.LlamaConfig(scan_unroll=0).validate()
 
 
 def test_too_long_sequence_is_refused(rng):

@@ -61,6 +61,7 @@ class VisionConfig:
   init_std: float = 0.02  # std of fresh Dense kernels (BERT/LLaMA's 0.02; larger for tiny from-scratch towers)
   embed_init_std: float = 0.02  # std of the fresh CLS token and position embedding
   scan_layers: bool = True
+  scan_unroll: int = 1  # scanned layers per iteration of the compiled loop; depth: no loop (small models on CPUs)
   remat_policy: str = 'none'
   bt_adapter: BTAdapterConfig = dataclasses.field(default_factory=BTAdapterConfig)
 
@@ -78,6 +79,8 @@ class VisionConfig:
       raise ValueError(f'{where}.width={self.width} is not a multiple of {where}.num_heads={self.num_heads}')
     if self.image_size % self.patch_size:
       raise ValueError(f'{where}.image_size={self.image_size} is not a multiple of {where}.patch_size={self.patch_size}')
+    if self.scan_unroll < 1:
+      raise ValueError(f'{where}.scan_unroll={self.scan_unroll}: give at least 1 (layers per iteration of the loop)')
     self.bt_adapter.validate(f'{where}.bt_adapter', self.depth)
 
 
@@ -184,7 +187,7 @@ class EVAViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls_token, (images.shape[0], 1, cfg.width)), patches], axis=1)
     x = layers.constrain(x + pos_embed, ('activation_batch', 'activation_length', 'activation_embed'))
     blocks = layers.LayerStack(VisionBlock, cfg, cfg.depth, cfg.scan_layers, cfg.remat_policy, self.dtype,
-                               self.attention_impl, name='blocks')
+                               self.attention_impl, unroll=cfg.scan_unroll, name='blocks')
     if not last_blocks:
       return blocks(x)
     return blocks(x, keep_last=last_blocks), pos_embed  # [k, N, 257, D], [1, 257, D]

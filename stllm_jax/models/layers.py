@@ -379,6 +379,8 @@ class LayerStack(nn.Module):
   A block is a module `block(config=..., dtype=..., attention_impl=..., name=...)` called as
   `x, _ = block(x, *args)`: the `(carry, None)` return is what `nn.scan` needs. Scanned params are
   stacked along a leading `layers` axis under `layers/`; unrolled ones live under `layers_{i}/`.
+  `unroll` (scanned stacks): layers per iteration of the compiled loop (`lax.scan`'s unroll; `num_layers` or
+  more: no loop). The params and their initialisation stay the scanned ones; only the program changes.
   """
   block: type[nn.Module]
   config: Any
@@ -387,6 +389,7 @@ class LayerStack(nn.Module):
   remat_policy: str
   dtype: Dtype
   attention_impl: str | None = None
+  unroll: int = 1
 
   @nn.compact
   def __call__(self, x: Array, *args, per_layer: Any = None, keep_last: int = 0) -> Array | tuple[Array, Any]:
@@ -408,7 +411,8 @@ class LayerStack(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
     kwargs = dict(config=self.config, dtype=self.dtype, attention_impl=self.attention_impl)
     scan = functools.partial(nn.scan, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                             length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+                             length=self.num_layers, unroll=min(self.unroll, self.num_layers),
+                             metadata_params={nn.PARTITION_NAME: 'layers'})
     first_kept = self.num_layers - keep_last
     if keep_last and self.scan:
       # The carry holds a [k, ...] buffer; layer i >= first_kept writes its output into slot i - first_kept.

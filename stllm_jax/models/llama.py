@@ -45,6 +45,7 @@ class LlamaConfig:
   param_dtype: str = 'float32'
   init_std: float = 0.02  # std of fresh Dense kernels (BERT/LLaMA's 0.02; larger for tiny from-scratch towers)
   scan_layers: bool = True
+  scan_unroll: int = 1  # scanned layers per iteration of the compiled loop; num_layers: no loop (small models on CPUs)
   remat_policy: str = 'none'
   # LoRA (the paper's low-memory variant): rank 0 = off; targets among query, key, value, out, gate, up, down
   lora_rank: int = 0
@@ -69,6 +70,8 @@ class LlamaConfig:
                        f'{where}.num_kv_heads={self.num_kv_heads}')
     if self.attention_head_dim % 2:
       raise ValueError(f'RoPE needs an even head dim, got {self.attention_head_dim}')
+    if self.scan_unroll < 1:
+      raise ValueError(f'{where}.scan_unroll={self.scan_unroll}: give at least 1 (layers per iteration of the loop)')
     unknown = set(self.lora_targets) - set(LORA_TARGETS)
     if unknown:
       raise ValueError(f'{where}.lora_targets has {sorted(unknown)}; choose among {LORA_TARGETS}')
@@ -218,7 +221,7 @@ class Llama(nn.Module):
     self.embed = nn.Embed(cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=pdt,
                           embedding_init=layers.param_init(nn.initializers.normal(0.02), ('vocab', 'embed')))
     self.blocks = layers.LayerStack(LlamaBlock, cfg, cfg.num_layers, cfg.scan_layers, cfg.remat_policy,
-                                    self.dtype, self.attention_impl)
+                                    self.dtype, self.attention_impl, unroll=cfg.scan_unroll)
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=pdt)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=self.dtype,
