@@ -33,6 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
                        max_positions=32, num_query_tokens=4, init_std=0.1)
   model.llm.update(vocab_size=config.demo.llm_vocab_size, width=128, num_layers=3, num_heads=4, num_kv_heads=4,
                    mlp_dim=256, max_positions=256)
+  # Each tower's layers in one loop iteration, so no loop: at these sizes the loop's bookkeeping (the stacked
+  # activations zeroed, then written layer by layer) was a tenth of the step (BENCHMARK.md). Params and their
+  # initialisation stay the scanned ones; the references follow the layer counts.
+  model.vision.scan_unroll = model.vision.get_ref('depth')
+  model.llm.scan_unroll = model.llm.get_ref('num_layers')
   model.mvm_head = True
   # As the paper: the ViT, ln_vision and the Q-Former are pretrained (here by stllm_jax/demo/tower_pretraining.py, the
   # demo's stand-in for EVA-CLIP + InstructBLIP) and frozen; the projection and the LLM learn, MVM at weight 1.
