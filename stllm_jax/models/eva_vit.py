@@ -79,8 +79,7 @@ class VisionConfig:
       raise ValueError(f'{where}.width={self.width} is not a multiple of {where}.num_heads={self.num_heads}')
     if self.image_size % self.patch_size:
       raise ValueError(f'{where}.image_size={self.image_size} is not a multiple of {where}.patch_size={self.patch_size}')
-    if self.scan_unroll < 1:
-      raise ValueError(f'{where}.scan_unroll={self.scan_unroll}: give at least 1 (layers per iteration of the loop)')
+    layers.check_scan_unroll(self.scan_unroll, where)
     self.bt_adapter.validate(f'{where}.bt_adapter', self.depth)
 
 

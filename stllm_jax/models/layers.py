@@ -373,6 +373,12 @@ def explicit_attention(query: Array, key: Array, value: Array, allowed: Array | 
   return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(value.dtype), value)
 
 
+def check_scan_unroll(unroll: int, where: str) -> None:
+  """A tower config's `scan_unroll` (LayerStack's `unroll`) is at least 1; `where` names the config."""
+  if unroll < 1:
+    raise ValueError(f'{where}.scan_unroll={unroll}: give at least 1 (layers per iteration of the loop)')
+
+
 class LayerStack(nn.Module):
   """`num_layers` copies of `block`, unrolled or scanned, optionally rematerialised.
 
@@ -411,7 +417,7 @@ class LayerStack(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
     kwargs = dict(config=self.config, dtype=self.dtype, attention_impl=self.attention_impl)
     scan = functools.partial(nn.scan, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                             length=self.num_layers, unroll=min(self.unroll, self.num_layers),
+                             length=self.num_layers, unroll=self.unroll,
                              metadata_params={nn.PARTITION_NAME: 'layers'})
     first_kept = self.num_layers - keep_last
     if keep_last and self.scan:

@@ -70,8 +70,7 @@ class LlamaConfig:
                        f'{where}.num_kv_heads={self.num_kv_heads}')
     if self.attention_head_dim % 2:
       raise ValueError(f'RoPE needs an even head dim, got {self.attention_head_dim}')
-    if self.scan_unroll < 1:
-      raise ValueError(f'{where}.scan_unroll={self.scan_unroll}: give at least 1 (layers per iteration of the loop)')
+    layers.check_scan_unroll(self.scan_unroll, where)
     unknown = set(self.lora_targets) - set(LORA_TARGETS)
     if unknown:
       raise ValueError(f'{where}.lora_targets has {sorted(unknown)}; choose among {LORA_TARGETS}')
