@@ -65,6 +65,17 @@ def test_the_default_on_cpus_is_the_explicit_form(form):
   assert 'dot_product_attention' not in jaxpr and 'custom_jvp_call' in jaxpr  # our softmax, not jax.nn's path
 
 
+def test_the_explicit_form_multiplies_heads_first_operands():
+  """q.k and p.v take [B, H, T, hd] operands: XLA:CPU's batched matmul kernels want the contracted dimension
+  last, and the einsum over the projections' [B, T, H, hd] made XLA lay keys, values and the output out as
+  [B, H, hd, S], one slow transpose each (7% of bench_small's step on a Zen 3 EPYC, BENCHMARK.md)."""
+  query, key, value = (x[:, :, :KV] for x in qkv(T))  # [B, T, KV, hd]: no grouped-query repeat
+  program = jax.jit(lambda q, k, v: layers.explicit_attention(q, k, v, None)).lower(query, key, value).compile()
+  heads_last = f'f32[{B},{KV},{HD},{T}]'  # [B, H, hd, S]
+  assert heads_last not in program.as_text()
+  assert f'f32[{B},{KV},{T},{HD}]' in program.as_text()  # the heads-first operands
+
+
 @pytest.mark.parametrize('form', MASK_FORMS)
 def test_cudnn_arguments_allow_what_the_mask_allows(form):
   """What the cuDNN path hands over, computed with cuDNN's semantics (causal flag, key lengths, a bias over the

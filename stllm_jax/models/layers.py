@@ -363,14 +363,17 @@ def explicit_attention(query: Array, key: Array, value: Array, allowed: Array | 
   key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)  # [B, S, H, hd]
   # scaled before the product: [B, T, H, hd] elements, not [B, H, T, S]
   query = query.astype(jnp.float32) * query.shape[-1] ** -0.5
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key.astype(jnp.float32))
+  # heads first, [B, H, T or S, hd]: XLA:CPU's batched matmul kernels take the contracted dimension last;
+  # from [B, T, H, hd] XLA lays keys, values and the output out as [B, H, hd, S] instead (BENCHMARK.md)
+  query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', query, key.astype(jnp.float32))
   if allowed is not None:
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   probs = softmax(logits)  # [B, H, T, S]
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(value.dtype), value)
+  return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(value.dtype), value), 1, 2)
 
 
 def check_scan_unroll(unroll: int, where: str) -> None:
