@@ -76,6 +76,33 @@ def test_the_explicit_form_multiplies_heads_first_operands():
   assert f'f32[{B},{KV},{T},{HD}]' in program.as_text()  # the heads-first operands
 
 
+def test_long_causal_self_attention_runs_in_two_query_halves():
+  """The LLM's training attention (causal + key lengths, T == S >= CAUSAL_SPLIT_MIN_LEN): the first half's
+  queries meet only the first half's keys ([T/2, T/2] logits, 3/4 of the matmul work), with the full form's
+  values and gradients; any other mask, or a shorter sequence, takes the full form."""
+  t = layers.CAUSAL_SPLIT_MIN_LEN + 6
+  keys = jax.random.split(jax.random.key(3), 4)
+  query = jax.random.normal(keys[0], (B, t, H, HD))
+  key, value = (jax.random.normal(k, (B, t, KV, HD)) for k in keys[1:3])
+  mask = AttentionMask(key_lengths=jnp.array([t, t - 9], jnp.int32), is_causal=True)
+  weights = jax.random.normal(keys[3], (B, t, H, HD))
+  loss = lambda form: jax.value_and_grad(lambda q, k, v: jnp.sum(form(q, k, v) * weights), argnums=(0, 1, 2))
+  split = loss(lambda q, k, v: layers.attention(q, k, v, mask, None))(query, key, value)
+  full = loss(lambda q, k, v: layers.explicit_attention(q, k, v, mask.dense(t, t)))(query, key, value)
+  assert relative_error(split[0], full[0]) < 1e-6
+  for ours, reference in zip(split[1], full[1]):
+    assert relative_error(ours, reference) < 1e-5
+  program = jax.jit(lambda q, k, v: layers.attention(q, k, v, mask, None)).lower(query, key, value).as_text()
+  assert f'tensor<{B}x{H}x{t // 2}x{t // 2}xf32>' in program  # the first half's logits
+  assert f'tensor<{B}x{H}x{t}x{t}xf32>' not in program
+  assert layers.splits_causally(mask, t, t)
+  assert not layers.splits_causally(AttentionMask(key_mask=jnp.ones((B, t)), is_causal=True), t, t)
+  assert not layers.splits_causally(AttentionMask(key_lengths=mask.key_lengths), t, t)  # not causal
+  assert not layers.splits_causally(mask, t - 1, t)  # a KV cache's queries
+  short = layers.CAUSAL_SPLIT_MIN_LEN - 1
+  assert not layers.splits_causally(mask, short, short)
+
+
 @pytest.mark.parametrize('form', MASK_FORMS)
 def test_cudnn_arguments_allow_what_the_mask_allows(form):
   """What the cuDNN path hands over, computed with cuDNN's semantics (causal flag, key lengths, a bias over the

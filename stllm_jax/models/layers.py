@@ -297,6 +297,8 @@ def attention(query: Array, key: Array, value: Array, mask: AttentionMask | None
   if implementation is None and jax.default_backend() == 'cpu':
     implementation = 'explicit'
   if implementation == 'explicit' or dropout_rate > 0.0:
+    if dropout_rate == 0.0 and splits_causally(mask, query.shape[1], key.shape[1]):
+      return causal_halves_attention(query, key, value, mask)
     allowed = None if mask.allows_all else mask.dense(query.shape[1], key.shape[1])
     return explicit_attention(query, key, value, allowed, dropout_rate, dropout_rng)
   if implementation == 'cudnn':
@@ -307,6 +309,28 @@ def attention(query: Array, key: Array, value: Array, mask: AttentionMask | None
     key_lengths = mask.key_lengths
   return jax.nn.dot_product_attention(query, key, value, mask=dense, is_causal=mask.is_causal,
                                       key_value_seq_lengths=key_lengths, implementation=implementation)
+
+
+CAUSAL_SPLIT_MIN_LEN = 64  # below it the halves' smaller matmuls cost more than the work they skip (measured)
+
+
+def splits_causally(mask: AttentionMask, query_len: int, key_len: int) -> bool:
+  """Whether `causal_halves_attention` computes this attention: causal self-attention whose mask is causality
+  and key lengths only, long enough to gain. (Each query then sees key 0 unless its sample has no keys at all.)"""
+  return (mask.is_causal and mask.mask is None and mask.key_mask is None and query_len == key_len
+          and query_len >= CAUSAL_SPLIT_MIN_LEN)
+
+
+def causal_halves_attention(query: Array, key: Array, value: Array, mask: AttentionMask) -> Array:
+  """`explicit_attention` of causal self-attention in two query halves: the first half's queries see none of the
+  second half's keys, so its matmuls are [T/2, T/2], not [T/2, T]: 3/4 of the work. The keys it leaves out have
+  probability exactly 0 in the full form, so the values are the same up to float rounding (the matmuls' sums
+  split differently). [B, T, H, hd] in and out; `splits_causally` says when it applies."""
+  half = query.shape[1] // 2
+  allowed = mask.dense(query.shape[1], key.shape[1])  # [B or 1, 1, T, S]
+  first = explicit_attention(query[:, :half], key[:, :half], value[:, :half], allowed[:, :, :half, :half])
+  second = explicit_attention(query[:, half:], key, value, allowed[:, :, half:])
+  return jnp.concatenate([first, second], axis=1)
 
 
 def _and(mask: Array | None, other: Array) -> Array:
