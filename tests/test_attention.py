@@ -76,6 +76,31 @@ def test_the_explicit_form_multiplies_heads_first_operands():
   assert f'f32[{B},{KV},{T},{HD}]' in program.as_text()  # the heads-first operands
 
 
+def test_the_mask_is_an_additive_bias_with_the_select_forms_values():
+  """Masked logits are the logits plus float32's min (Hugging Face's eager form): the values and gradients of
+  jnp.where(allowed, logits, min), and a backward without a select over the [B, H, T, S] gradients."""
+  query, key, value = qkv(T)
+  mask = MASK_FORMS['key padding anywhere (Q-Former self-attention)'][1]()
+  allowed = mask.dense(T, T)
+
+  def select_form(q, k, v):  # the masked softmax as jnp.where writes it
+    k, v = jnp.repeat(k, H // KV, axis=2), jnp.repeat(v, H // KV, axis=2)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q * HD ** -0.5, k)
+    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min))
+    return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+  weights = jax.random.normal(jax.random.key(4), (B, T, H, HD))
+  loss = lambda form: jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(form(q, k, v) * weights),
+                                                 argnums=(0, 1, 2)))
+  ours = loss(lambda q, k, v: layers.explicit_attention(q, k, v, allowed))
+  reference = loss(select_form)(query, key, value)
+  assert relative_error(ours(query, key, value)[0], reference[0]) < 1e-6
+  for got, expected in zip(ours(query, key, value)[1], reference[1]):
+    assert relative_error(got, expected) < 1e-6
+  program = ours.lower(query, key, value).compile().as_text()
+  assert not [line for line in program.splitlines() if f'f32[{B},{H},{T},{T}]' in line and ' select(' in line]
+
+
 def test_long_causal_self_attention_runs_in_two_query_halves():
   """The LLM's training attention (causal + key lengths, T == S >= CAUSAL_SPLIT_MIN_LEN): the first half's
   queries meet only the first half's keys ([T/2, T/2] logits, 3/4 of the matmul work), with the full form's

@@ -392,7 +392,9 @@ def explicit_attention(query: Array, key: Array, value: Array, allowed: Array | 
   query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
   logits = jnp.einsum('bhqd,bhkd->bhqk', query, key.astype(jnp.float32))
   if allowed is not None:
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    # an additive bias, as Hugging Face's eager attention: float32's min absorbs any logit, so the values are
+    # jnp.where's, and its backward is the identity where a select's wrote every [B, H, T, S] gradient again
+    logits = logits + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
   probs = softmax(logits)  # [B, H, T, S]
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, probs.shape)
