@@ -37,6 +37,11 @@ MASK_FORMS = {
 }
 
 
+def weighted_sum_and_grads(form, weights):
+  """jitted (q, k, v) -> (sum(form(q, k, v) * weights), its gradients in q, k and v)."""
+  return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(form(q, k, v) * weights), argnums=(0, 1, 2)))
+
+
 @pytest.mark.parametrize('form', MASK_FORMS)
 def test_xla_matches_the_explicit_float32_form_in_values_and_gradients(form):
   key_len, make_mask = MASK_FORMS[form]
@@ -90,12 +95,11 @@ def test_the_mask_is_an_additive_bias_with_the_select_forms_values():
     return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
   weights = jax.random.normal(jax.random.key(4), (B, T, H, HD))
-  loss = lambda form: jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(form(q, k, v) * weights),
-                                                 argnums=(0, 1, 2)))
-  ours = loss(lambda q, k, v: layers.explicit_attention(q, k, v, allowed))
-  reference = loss(select_form)(query, key, value)
-  assert relative_error(ours(query, key, value)[0], reference[0]) < 1e-6
-  for got, expected in zip(ours(query, key, value)[1], reference[1]):
+  ours = weighted_sum_and_grads(lambda q, k, v: layers.explicit_attention(q, k, v, allowed), weights)
+  value_ours, grads_ours = ours(query, key, value)
+  value_ref, grads_ref = weighted_sum_and_grads(select_form, weights)(query, key, value)
+  assert relative_error(value_ours, value_ref) < 1e-6
+  for got, expected in zip(grads_ours, grads_ref):
     assert relative_error(got, expected) < 1e-6
   program = ours.lower(query, key, value).compile().as_text()
   assert not [line for line in program.splitlines() if f'f32[{B},{H},{T},{T}]' in line and ' select(' in line]
@@ -111,9 +115,9 @@ def test_long_causal_self_attention_runs_in_two_query_halves():
   key, value = (jax.random.normal(k, (B, t, KV, HD)) for k in keys[1:3])
   mask = AttentionMask(key_lengths=jnp.array([t, t - 9], jnp.int32), is_causal=True)
   weights = jax.random.normal(keys[3], (B, t, H, HD))
-  loss = lambda form: jax.value_and_grad(lambda q, k, v: jnp.sum(form(q, k, v) * weights), argnums=(0, 1, 2))
-  split = loss(lambda q, k, v: layers.attention(q, k, v, mask, None))(query, key, value)
-  full = loss(lambda q, k, v: layers.explicit_attention(q, k, v, mask.dense(t, t)))(query, key, value)
+  split = weighted_sum_and_grads(lambda q, k, v: layers.attention(q, k, v, mask, None), weights)(query, key, value)
+  full = weighted_sum_and_grads(lambda q, k, v: layers.explicit_attention(q, k, v, mask.dense(t, t)),
+                                weights)(query, key, value)
   assert relative_error(split[0], full[0]) < 1e-6
   for ours, reference in zip(split[1], full[1]):
     assert relative_error(ours, reference) < 1e-5

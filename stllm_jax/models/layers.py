@@ -284,7 +284,8 @@ def attention(query: Array, key: Array, value: Array, mask: AttentionMask | None
 
   query [B, T, H, hd]; key, value [B, S, Hkv, hd] with H a multiple of Hkv (grouped-query); `mask` None = every
   key. Returns [B, T, H, hd]. `implementation`: None (the backend's best: 'explicit' on CPUs, JAX's choice
-  elsewhere), 'explicit' (`explicit_attention`, every step written out), or `jax.nn.dot_product_attention`'s
+  elsewhere), 'explicit' (`explicit_attention`, every step written out; long causal self-attention in two
+  query halves, `causal_halves_attention`, when `splits_causally`), or `jax.nn.dot_product_attention`'s
   'xla' or 'cudnn' (cuDNN flash attention: NVIDIA GPUs, bfloat16 / float16, the head dims `cudnn_problem`
   accepts; `cudnn_arguments` gives it the mask in the forms it takes). On XLA:CPU the explicit form trains
   faster than jax.nn's (`python -m stllm_jax.benchmark attention`; BENCHMARK.md, "Attention and RoPE on CPUs").
